@@ -1,0 +1,1 @@
+"""A two-step DSPy question answerer: classify the topic, then answer."""

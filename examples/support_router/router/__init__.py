@@ -1,0 +1,1 @@
+"""A support-ticket router: one prompt, one model call, one parser."""

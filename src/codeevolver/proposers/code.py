@@ -1,0 +1,153 @@
+"""Code mutation: the reflection model writes a change request, a coding agent carries it out.
+
+The agent works in a fresh export of the parent's commit, inside the sandbox;
+the orchestrator then commits the directory with git plumbing (no hooks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from codeevolver.agents.base import AgentTask, CodingAgent
+from codeevolver.models.base import LanguageModel
+from codeevolver.proposers.reflective import render
+from codeevolver.sandbox.base import Sandbox, SandboxPolicy
+from codeevolver.workspace.git import GitWorkspace
+
+TEMPLATE = """You are the architect of an AI application that is being improved automatically.
+It is run on examples and scored by a metric; below are its recent results. Propose ONE
+concrete change to the application's CODE (not only its prompt wording) that should raise
+the score: fix parsing or post-processing, add a step, change how the model is called.
+
+## Files in the repository
+{files}
+
+## Current prompts (components)
+{components}
+
+## Recent results on a minibatch
+{records}
+
+## Earlier code changes in this run and how they did
+{history}
+{instructions}
+## Rules
+- Keep the program's entry point `{entry}` and the metric `{metric}` with their signatures.
+- Do not touch the datasets or the metric.
+
+Reply with a change request for a coding agent: which file(s) to change, what to change,
+why, and the effect on the metric you expect. Be specific and brief (under 250 words).
+"""
+
+
+@dataclass
+class CodeChange:
+    commit: str | None
+    change_request: str
+    reason: str | None = None
+    summary: str = ""
+    transcript: list[dict[str, Any]] = field(default_factory=list)
+
+
+class CodeProposer:
+    def __init__(
+        self,
+        reflection_lm: LanguageModel,
+        agent_lm: LanguageModel,
+        agent: CodingAgent,
+        sandbox: Sandbox,
+        workspace: GitWorkspace,
+        *,
+        entry: str,
+        metric: str,
+        agent_env: dict[str, str],
+        additional_instructions: str = "",
+        max_steps: int = 30,
+        timeout_s: float = 900.0,
+    ) -> None:
+        self.reflection_lm = reflection_lm
+        self.agent_lm = agent_lm
+        self.agent = agent
+        self.sandbox = sandbox
+        self.workspace = workspace
+        self.entry = entry
+        self.metric = metric
+        self.agent_env = agent_env
+        self.additional_instructions = additional_instructions.strip()
+        self.max_steps = max_steps
+        self.timeout_s = timeout_s
+
+    def change_request(
+        self,
+        parent_commit: str,
+        components: dict[str, str],
+        records: list[dict[str, str]],
+        history: list[str],
+        candidate_id: str,
+    ) -> str:
+        instructions = (
+            f"\n## Constraints and ideas from the user\n{self.additional_instructions}\n"
+            if self.additional_instructions
+            else ""
+        )
+        prompt = TEMPLATE.format(
+            files="\n".join(self.workspace.list_files(parent_commit)),
+            components="\n".join(f"### {k}\n{v}" for k, v in components.items()) or "(none)",
+            records=render(records),
+            history="\n".join(f"- {h}" for h in history[-10:]) or "(none yet)",
+            instructions=instructions,
+            entry=self.entry,
+            metric=self.metric,
+        )
+        reply = self.reflection_lm.complete(
+            [{"role": "user", "content": prompt}], purpose="reflection", candidate_id=candidate_id
+        )
+        return reply.text.strip()
+
+    def propose(
+        self,
+        parent_commit: str,
+        components: dict[str, str],
+        records: list[dict[str, str]],
+        history: list[str],
+        candidate_id: str,
+        worktree: Path,
+    ) -> CodeChange:
+        request = self.change_request(parent_commit, components, records, history, candidate_id)
+        if not request:
+            return CodeChange(None, "", reason="the reflection model returned an empty change request")
+        self.workspace.export(parent_commit, worktree)
+        policy = SandboxPolicy(workdir=worktree, env=self.agent_env, timeout_s=min(120.0, self.timeout_s))
+        task = AgentTask(
+            change_request=request,
+            worktree=worktree,
+            sandbox=self.sandbox,
+            policy=policy,
+            model=self.agent_lm,
+            candidate_id=candidate_id,
+            max_steps=self.max_steps,
+            timeout_s=self.timeout_s,
+        )
+        result = self.agent.run(task)
+        if not result.ok:
+            return CodeChange(
+                None,
+                request,
+                reason=result.reason or "the coding agent failed",
+                summary=result.summary,
+                transcript=result.transcript,
+            )
+        commit = self.workspace.commit_dir(
+            worktree, parent_commit, f"codeevolver {candidate_id}: {request[:60]}"
+        )
+        if commit is None:
+            return CodeChange(
+                None,
+                request,
+                reason="the coding agent changed nothing",
+                summary=result.summary,
+                transcript=result.transcript,
+            )
+        return CodeChange(commit, request, summary=result.summary, transcript=result.transcript)

@@ -1,0 +1,445 @@
+"""Assemble a run from the user's repo and options, and drive it: the one place that wires parts.
+
+``start_run`` checks everything that can be wrong *before* anything is written
+(repo, config, datasets, budgets, sandbox, models, the program itself on a few
+rows); only then does it create the run in the store and hand over to the
+engine. ``resume_run`` rebuilds the same parts from the run's saved settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from codeevolver.agents import get_agent
+from codeevolver.config import ProjectConfig, load_config, parse_config, resolve_components
+from codeevolver.dataset import load_dataset, split
+from codeevolver.engine.engine import Budget, Engine, EngineSettings, Parts
+from codeevolver.engine.pareto import mean_score
+from codeevolver.engine.selection import ComponentSelector
+from codeevolver.errors import ConfigError, SandboxError, StoreError, UserProgramError
+from codeevolver.evaluator import Evaluator
+from codeevolver.models.base import LanguageModel, ModelSpec
+from codeevolver.models.resolve import ModelPlan, embedded_plan, plan_models, preflight, program_env
+from codeevolver.proposers.code import CodeProposer
+from codeevolver.proposers.prompt import PromptProposer
+from codeevolver.sandbox import TIERS, get_sandbox
+from codeevolver.sandbox.base import Sandbox
+from codeevolver.store import Store
+from codeevolver.types import Candidate, ExampleResult
+from codeevolver.userenv import resolve_python
+from codeevolver.workspace.git import GitWorkspace, check_repo
+
+STATE_DIR = ".codeevolver"
+VALIDATION_ROWS = 15
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class RunOptions:
+    """What the CLI (or the service) asks for; ``overrides`` are ``section.key`` → value."""
+
+    path: Path
+    overrides: dict[str, Any] = field(default_factory=dict)
+    dangerously_skip_sandbox: bool = False
+    state_dir: Path | None = None
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    status: str
+    seed_score: float | None
+    best_score: float | None
+    best_candidate: str | None
+    best_branch: str | None
+    metric_calls: int
+    usage: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def state_dir_for(repo: Path, explicit: Path | None) -> Path:
+    return (explicit or repo / STATE_DIR).resolve()
+
+
+def open_store(state_dir: Path, create: bool) -> Store:
+    db = state_dir / "runs.db"
+    if not create and not db.is_file():
+        raise StoreError(f"no CodeEvolver runs in {state_dir}", "run `codeevolver optimize` first")
+    return Store(f"sqlite:///{db}")
+
+
+@dataclass
+class _Prepared:
+    repo: Path
+    head: str
+    config: ProjectConfig
+    trainset: list[dict[str, Any]]
+    valset: list[dict[str, Any]]
+    components: dict[str, str]
+    component_files: dict[str, str]
+    sandbox: Sandbox
+    plan: ModelPlan
+
+
+def _check_budget(config: ProjectConfig, n_train: int, n_val: int) -> None:
+    opt = config.optimize
+    for name, value in (
+        ("max_metric_calls", opt.max_metric_calls),
+        ("max_usd", opt.max_usd),
+        ("max_minutes", opt.max_minutes),
+    ):
+        if value is not None and value <= 0:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"budget {name} is {value}: nothing could run", f"set {flag} above 0")
+    checks = min(VALIDATION_ROWS, n_train)
+    need = checks + n_val
+    if opt.max_metric_calls is not None and opt.max_metric_calls < need:
+        raise ConfigError(
+            f"max_metric_calls {opt.max_metric_calls} cannot even score the seed "
+            f"({checks} validation rows + {n_val} valset rows)",
+            f"set --max-metric-calls to at least {need} (more to leave room for proposals)",
+        )
+
+
+def _choose_sandbox(config: ProjectConfig, skip: bool) -> Sandbox:
+    sandbox = get_sandbox(config.sandbox.tier)
+    if not sandbox.isolated:
+        real_tiers = sorted(name for name in TIERS if name != "unsafe")
+        if real_tiers and not skip:
+            raise SandboxError(
+                f"sandbox tier {sandbox.name!r} runs AI-written code unprotected on this machine",
+                f"use --sandbox {real_tiers[0]}, or pass --dangerously-skip-sandbox if you accept the risk",
+            )
+    return sandbox
+
+
+def _load(options: RunOptions, env: dict[str, str]) -> _Prepared:
+    repo, head = check_repo(options.path.resolve(), STATE_DIR)
+    config = load_config(repo, options.overrides)
+    components, files = resolve_components(config, repo)
+    prog = config.program
+    trainset = load_dataset(repo / prog.trainset, prog.input_keys)
+    if prog.valset:
+        valset = load_dataset(repo / prog.valset, prog.input_keys)
+    else:
+        trainset, valset = split(trainset, prog.val_fraction, config.optimize.seed)
+    _check_budget(config, len(trainset), len(valset))
+    sandbox = _choose_sandbox(config, options.dangerously_skip_sandbox)
+    opt = config.optimize
+    plan = plan_models(
+        model=opt.model,
+        reflection_model=opt.reflection_model,
+        agent_model=opt.agent_model,
+        api_base=opt.api_base,
+        env=env,
+    )
+    placeholder = ModelSpec("openai/unset")
+    return _Prepared(
+        repo, head, config, trainset, valset, components, files, sandbox, plan or embedded_plan(placeholder)
+    )
+
+
+@contextlib.contextmanager
+def _models(prepared: _Prepared) -> Iterator[ModelPlan]:
+    """Start the embedded model when no model is configured; stop it when the run ends."""
+    if not prepared.plan.embedded:
+        preflight(prepared.plan.reflection)
+        yield prepared.plan
+        return
+    from codeevolver.models.embedded import EmbeddedModelServer
+
+    with EmbeddedModelServer() as server:
+        plan = embedded_plan(server.spec())
+        prepared.plan = plan
+        yield plan
+
+
+def _validate_seed(
+    evaluator: Evaluator, workdir: Path, seed: Candidate, trainset: list[dict[str, Any]]
+) -> list[ExampleResult]:
+    """Run the seed on up to 15 train rows; fail fast if the program clearly cannot work."""
+    rows = [(i, trainset[i]) for i in range(min(VALIDATION_ROWS, len(trainset)))]
+    results = evaluator.evaluate(workdir, seed.components, rows, True)
+    errors = [r for r in results if r.error]
+    if len(errors) > 0.1 * len(results):
+        shown = "\n".join(f"  row {r.index}: {r.error}" for r in errors[:3])
+        raise UserProgramError(
+            f"the program failed on {len(errors)} of {len(results)} validation rows before the run started:\n{shown}",
+            "fix the program or metric (try it on those rows by hand), then run again",
+        )
+    if all(r.score == 0 for r in results):
+        feedback = "\n".join(f"  row {r.index}: {r.feedback or '(no feedback)'}" for r in results[:3])
+        raise UserProgramError(
+            f"every score on {len(results)} validation rows is 0: nothing to improve from\n{feedback}",
+            "check the metric and that the program reaches its model (see the feedback above)",
+        )
+    return results
+
+
+def _drop_unused_predictors(components: dict[str, str], results: list[ExampleResult]) -> dict[str, str]:
+    used = {name for r in results for name, calls in r.traces.items() if calls}
+    kept = {name: text for name, text in components.items() if name in used}
+    return kept or components
+
+
+def _parts(prepared: _Prepared, store: Store, run_id: str, state_dir: Path) -> tuple[Parts, Evaluator]:
+    config, plan = prepared.config, prepared.plan
+    opt = config.optimize
+    python = resolve_python(prepared.repo)
+    evaluator = Evaluator(
+        config.program.framework,
+        config.program.entry,
+        config.program.metric,
+        config.program.input_keys,
+        prepared.sandbox,
+        python,
+        program_env(plan, os.environ),
+        config.program.example_timeout_s,
+    )
+    workspace = GitWorkspace(prepared.repo, state_dir / "work" / run_id)
+    reflection = LanguageModel(plan.reflection, store.add_usage, run_id=run_id)
+    prompt_proposer = PromptProposer(reflection, opt.additional_instructions)
+    code_proposer = None
+    if opt.mutate != "prompts":
+        code_proposer = CodeProposer(
+            reflection,
+            LanguageModel(plan.agent, store.add_usage, run_id=run_id),
+            get_agent(opt.coding_agent),
+            prepared.sandbox,
+            workspace,
+            entry=config.program.entry,
+            metric=config.program.metric,
+            agent_env=program_env(plan, os.environ) | {"PYTHON": str(python)},
+            additional_instructions=opt.additional_instructions,
+            max_steps=opt.agent_max_steps,
+            timeout_s=opt.agent_timeout_s,
+        )
+    selector = ComponentSelector(
+        opt.mutate, opt.prompts_per_code, opt.prompts_per_code_decay_every, opt.code_cutoff_iteration
+    )
+    parts = Parts(
+        store,
+        evaluator,
+        workspace,
+        prompt_proposer,
+        code_proposer,
+        selector,
+        config.program.framework,
+        prepared.component_files,
+    )
+    return parts, evaluator
+
+
+def _engine(
+    prepared: _Prepared,
+    parts: Parts,
+    run_id: str,
+    state_dir: Path,
+    progress: Progress | None,
+    elapsed_s: float = 0.0,
+) -> Engine:
+    opt = prepared.config.optimize
+    budget = Budget(
+        max_metric_calls=opt.max_metric_calls,
+        max_usd=Decimal(str(opt.max_usd)) if opt.max_usd is not None else None,
+        max_seconds=opt.max_minutes * 60 - elapsed_s if opt.max_minutes is not None else None,
+    )
+    settings = EngineSettings(
+        opt.concurrency, opt.minibatch_size, opt.seed, opt.skip_perfect_score, opt.perfect_score
+    )
+    return Engine(
+        run_id,
+        parts,
+        prepared.trainset,
+        prepared.valset,
+        settings,
+        budget,
+        stop_file=state_dir / "runs" / f"{run_id}.stop",
+        on_progress=progress,
+    )
+
+
+def start_run(options: RunOptions, progress: Progress | None = None) -> RunSummary:
+    """Check everything, create the run, evolve until a budget or a stop, return the summary."""
+    prepared = _load(options, dict(os.environ))
+    state_dir = state_dir_for(prepared.repo, options.state_dir)
+    with _models(prepared) as plan:
+        store = open_store(state_dir, create=True)
+        try:
+            return _start(prepared, plan, store, state_dir, progress)
+        finally:
+            store.close()
+
+
+def _start(
+    prepared: _Prepared, plan: ModelPlan, store: Store, state_dir: Path, progress: Progress | None
+) -> RunSummary:
+    probe_ws = GitWorkspace(prepared.repo, state_dir / "work" / "preflight")
+    parts, evaluator = _parts(prepared, store, "preflight", state_dir)
+    seed = Candidate(id="c000", components=dict(prepared.components), commit=prepared.head)
+    workdir = probe_ws.evaluation_dir(prepared.head)
+    try:
+        if prepared.config.program.framework == "dspy":
+            seed.components = evaluator.describe(workdir)
+        checked = _validate_seed(evaluator, workdir, seed, prepared.trainset)
+    finally:
+        probe_ws.remove(workdir)
+    if prepared.config.program.framework == "dspy":
+        seed.components = _drop_unused_predictors(seed.components, checked)
+    saved = prepared.config.model_dump(mode="json")
+    saved["_resolved"] = {"embedded": plan.embedded, "trainset": len(prepared.trainset)}
+    run_id = store.create_run(saved, str(prepared.repo), prepared.head, prepared.config.optimize.seed)
+    store.add_evaluations(run_id, seed.id, "train", checked, "validation")
+    store.add_event(
+        run_id,
+        "run_started",
+        {
+            "components": sorted(seed.components),
+            "models": {"task": plan.task.name, "reflection": plan.reflection.name, "agent": plan.agent.name},
+        },
+    )
+    parts, _ = _parts(prepared, store, run_id, state_dir)
+    engine = _engine(prepared, parts, run_id, state_dir, progress)
+    _drive(engine, seed)
+    return summarize(store, run_id)
+
+
+def resume_run(
+    run_id: str,
+    path: Path,
+    state_dir: Path | None = None,
+    progress: Progress | None = None,
+    dangerously_skip_sandbox: bool = False,
+) -> RunSummary:
+    """Continue a stopped or killed run from the store, within its original budget."""
+    repo = path.resolve()
+    state = state_dir_for(repo, state_dir)
+    store = open_store(state, create=False)
+    try:
+        run = store.get_run(run_id)
+        if run.status == "finished":
+            return summarize(store, run_id)
+        raw = dict(run.config)
+        resolved = raw.pop("_resolved", {})
+        config = parse_config(raw, Path(run.repo_path) / "codeevolver.toml")
+        repo = Path(run.repo_path)
+        components, files = resolve_components(config, repo) if config.components else ({}, {})
+        prog = config.program
+        trainset = load_dataset(repo / prog.trainset, prog.input_keys)
+        if prog.valset:
+            valset = load_dataset(repo / prog.valset, prog.input_keys)
+        else:
+            trainset, valset = split(trainset, prog.val_fraction, config.optimize.seed)
+        opt = config.optimize
+        plan = (
+            None
+            if resolved.get("embedded")
+            else plan_models(
+                model=opt.model,
+                reflection_model=opt.reflection_model,
+                agent_model=opt.agent_model,
+                api_base=opt.api_base,
+                env=dict(os.environ),
+            )
+        )
+        prepared = _Prepared(
+            repo,
+            run.base_commit,
+            config,
+            trainset,
+            valset,
+            components,
+            files,
+            _choose_sandbox(config, dangerously_skip_sandbox),
+            plan or embedded_plan(ModelSpec("openai/unset")),
+        )
+        store.update_run(run_id, status="running", error=None)
+        elapsed = (run.updated_at - run.created_at).total_seconds()
+        with _models(prepared):
+            parts, _ = _parts(prepared, store, run_id, state)
+            engine = _engine(prepared, parts, run_id, state, progress, elapsed_s=elapsed)
+            _drive(engine, None)
+        return summarize(store, run_id)
+    finally:
+        store.close()
+
+
+def _drive(engine: Engine, seed: Candidate | None) -> None:
+    """Run the engine; SIGINT and SIGTERM stop it gracefully (state is written first)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, engine.request_stop, f"signal {sig.name}")
+        await engine.run(seed)
+
+    asyncio.run(main())
+
+
+def summarize(store: Store, run_id: str) -> RunSummary:
+    run = store.get_run(run_id)
+    usage = store.usage_totals(run_id)
+    best = store.get_candidate(run_id, run.best_candidate_id) if run.best_candidate_id else None
+    return RunSummary(
+        run_id=run_id,
+        status=run.status,
+        seed_score=run.seed_score,
+        best_score=run.best_score,
+        best_candidate=run.best_candidate_id,
+        best_branch=best.branch if best else None,
+        metric_calls=run.metric_calls,
+        usage={
+            "calls": usage.calls,
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cached_tokens": usage.cached_tokens,
+            "usd": str(usage.cost_usd),
+        },
+    )
+
+
+__all__ = ["RunOptions", "RunSummary", "mean_score", "open_store", "resume_run", "start_run", "summarize"]
+
+
+def apply_candidate(store: Store, run_id: str, candidate_id: str | None) -> str:
+    """Check out the candidate's branch, or write its prompts back when it has none."""
+    import json
+
+    from codeevolver.workspace.git import check_repo, git
+
+    run = store.get_run(run_id)
+    cand_id = candidate_id or run.best_candidate_id
+    if cand_id is None:
+        raise StoreError(f"run {run_id} has no scored candidate yet", "wait for the seed to be scored")
+    cand = store.get_candidate(run_id, cand_id)
+    repo, _ = check_repo(Path(run.repo_path), STATE_DIR)
+    if cand.branch:
+        git("checkout", "--quiet", cand.branch, cwd=repo)
+        where = f"checked out branch {cand.branch}"
+    else:
+        where = f"kept the current checkout (candidate {cand.id} is the seed)"
+    config = parse_config(
+        {k: v for k, v in run.config.items() if k != "_resolved"}, repo / "codeevolver.toml"
+    )
+    _, files = resolve_components(config, repo) if config.components else ({}, {})
+    loose = {name: text for name, text in cand.components.items() if name not in files}
+    for name, rel in files.items():
+        if name in cand.components:
+            (repo / rel).write_text(cand.components[name], encoding="utf-8")
+    if loose:
+        (repo / "codeevolver.prompts.json").write_text(json.dumps(loose, indent=2) + "\n", encoding="utf-8")
+        where += (
+            "; wrote the evolved instructions of " + ", ".join(sorted(loose)) + " to codeevolver.prompts.json"
+        )
+    return f"{where} (candidate {cand.id}, val score {cand.val_score})"

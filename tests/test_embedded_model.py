@@ -1,0 +1,66 @@
+"""The embedded SmolLM2 server: starts, answers a real chat completion, and goes away cleanly."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from codeevolver.errors import ModelError
+from codeevolver.models.base import LanguageModel
+from codeevolver.models.embedded import MODEL_NAME, EmbeddedModelServer, available
+
+pytestmark = pytest.mark.slow
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def ready() -> None:
+    ok, reason = available()
+    if not ok:
+        pytest.skip(reason)
+
+
+def test_serves_a_chat_completion_and_stops(ready: None) -> None:
+    server = EmbeddedModelServer(n_threads=2)
+    with server:
+        assert server.process is not None and server.port is not None
+        pid, port = server.process.pid, server.port
+        spec = server.spec()
+        assert spec.name == MODEL_NAME == server.model_name
+        assert spec.api_base == server.api_base == f"http://127.0.0.1:{port}/v1"
+        completion = LanguageModel(spec).complete(
+            [{"role": "user", "content": "Name one colour of the sky."}], purpose="task"
+        )
+        assert completion.text.strip()
+        assert completion.usage is not None
+        assert completion.usage.input_tokens > 0 and completion.usage.output_tokens > 0
+        assert completion.usage.cost_usd == 0
+    assert server.process is None
+    assert not _port_open(port)
+    assert not _alive(pid)
+    server.stop()  # idempotent
+
+
+def test_a_missing_model_file_fails_with_the_log(ready: None, tmp_path: Path) -> None:
+    bogus = tmp_path / "missing.gguf"
+    bogus.write_bytes(b"not a gguf")
+    server = EmbeddedModelServer(gguf=bogus, log_path=tmp_path / "server.log", ready_timeout_s=30)
+    with pytest.raises(ModelError, match="exited with status"):
+        server.start()
+    assert server.process is None
