@@ -16,7 +16,7 @@ import pytest
 from codeevolver.errors import UserProgramError
 from codeevolver.evaluator import RUNNER_PATH, Evaluator
 from codeevolver.sandbox.unsafe import UnsafeSandbox
-from codeevolver.testing.fake_openai import ScriptedOpenAIServer
+from codeevolver.testing.fake_openai import Reply, ScriptedOpenAIServer
 from codeevolver.userenv import default_cache_dir, resolve_python
 
 PIPELINE = """
@@ -153,25 +153,35 @@ def test_hanging_program_is_stopped_per_example(tmp_path: Path, bare_python: Pat
         {
             "pipeline.py": """
                 import time
+                BUSY = []
                 def run(inputs, prompts):
+                    if BUSY:
+                        raise RuntimeError("state left behind by an interrupted example")
+                    BUSY.append(1)
                     if inputs["question"] == "hang":
                         while True:
                             try:
                                 time.sleep(60)
                             except Exception:
                                 pass  # a program that swallows errors is still stopped
+                    BUSY.clear()
                     return {"answer": inputs["question"].upper()}
             """,
             "metrics.py": METRICS,
         },
     )
-    rows = [{"question": "hang", "answer": "X"}, {"question": "a", "answer": "A"}]
+    rows = [
+        {"question": "a", "answer": "A"},
+        {"question": "hang", "answer": "X"},
+        {"question": "b", "answer": "B"},
+        {"question": "hang", "answer": "X"},
+    ]
     started = time.monotonic()
-    results = evaluator(bare_python, per_example_timeout_s=1).evaluate(repo, {}, examples(rows))
-    assert time.monotonic() - started < 15
-    assert results[0].error == "program timed out after 1s"
-    assert results[0].score == 0.0
-    assert (results[1].score, results[1].error) == (1.0, None)
+    results = evaluator(bare_python, per_example_timeout_s=1).evaluate(repo, {}, examples(rows, first=5))
+    assert time.monotonic() - started < 20
+    assert [r.index for r in results] == [5, 6, 7, 8]
+    assert [r.score for r in results] == [1.0, 0.0, 1.0, 0.0]
+    assert [r.error for r in results] == [None, "program timed out after 1s", None, "program timed out after 1s"]
 
 
 def test_entry_not_importable(repo: Path, bare_python: Path) -> None:
@@ -238,9 +248,7 @@ def test_orchestrator_environment_is_not_visible(
             "metrics.py": "def m(example, output):\n    return 1.0\n",
         },
     )
-    [result] = evaluator(bare_python, "metrics:m", env={"GIVEN": "yes"}).evaluate(
-        repo, {}, examples(ROWS[:1])
-    )
+    [result] = evaluator(bare_python, "metrics:m", env={"GIVEN": "yes"}).evaluate(repo, {}, examples(ROWS[:1]))
     assert result.output["secret"] is None
     assert result.output["given"] == "yes"
     assert set(result.output["keys"]) <= {
@@ -389,10 +397,13 @@ def test_dspy_program(tmp_path: Path) -> None:
     )
     python = resolve_python(repo, default_cache_dir())
 
-    def answer(request: dict[str, Any]) -> str:
+    def answer(request: dict[str, Any]) -> Reply:
         question = request["messages"][-1]["content"]
         value = "Paris" if "France" in question else "unknown"
-        return f"[[ ## answer ## ]]\n{value}\n\n[[ ## completed ## ]]"
+        return Reply(
+            content=f"[[ ## answer ## ]]\n{value}\n\n[[ ## completed ## ]]",
+            delay_s=15 if "slowly" in question else 0,
+        )
 
     with ScriptedOpenAIServer(answer) as server:
         ev = Evaluator(
@@ -408,25 +419,28 @@ def test_dspy_program(tmp_path: Path) -> None:
                 "OPENAI_API_KEY": "sk-test",
                 "LITELLM_LOCAL_MODEL_COST_MAP": "True",
             },
-            per_example_timeout_s=30,
+            per_example_timeout_s=5,
         )
         described = ev.describe(repo)
         assert set(described) == {"answer", "unused"}
         assert all(isinstance(text, str) and text for text in described.values())
 
         rows = [
+            {"question": "Answer slowly: capital of Peru?", "answer": "Lima"},
             {"question": "Capital of France?", "answer": "Paris"},
             {"question": "Capital of Mars?", "answer": "Olympus"},
         ]
         components = {"answer": "ANSWER-INSTRUCTIONS-XYZ", "unused": "UNUSED-INSTRUCTIONS"}
         results = ev.evaluate(repo, components, examples(rows), capture_traces=True)
 
-    assert [r.error for r in results] == [None, None]
-    assert [r.score for r in results] == [1.0, 0.0]
-    assert results[0].feedback == "calls=1 inputs=['question']"
-    assert results[0].output == {"answer": "Paris"}
-    assert set(results[0].traces) == {"answer"}
-    [call] = results[0].traces["answer"]
+    # the slow call is cut off; the examples after it run in a fresh process, unharmed
+    assert [r.error for r in results] == ["program timed out after 5s", None, None]
+    assert [r.score for r in results] == [0.0, 1.0, 0.0]
+    france = results[1]
+    assert france.feedback == "calls=1 inputs=['question']"
+    assert france.output == {"answer": "Paris"}
+    assert set(france.traces) == {"answer"}
+    [call] = france.traces["answer"]
     assert call["inputs"] == {"question": "Capital of France?"}
     assert call["outputs"] == {"answer": "Paris"}
     chats = [r for r in server.requests if "France" in r["messages"][-1]["content"]]

@@ -58,22 +58,41 @@ class Evaluator:
         capture_traces: bool = False,
     ) -> list[ExampleResult]:
         """Score each example; per-example failures are results with ``error`` set, in input order."""
-        if not examples:
-            return []
+        results: list[ExampleResult] = []
+        remaining = list(examples)
+        while remaining:
+            # A runner stops after a per-example timeout (its state is no longer
+            # trustworthy); the rest of the batch goes to a fresh process.
+            done = self._evaluate_batch(worktree, components, remaining, capture_traces)
+            results.extend(done)
+            remaining = remaining[len(done) :]
+        return results
+
+    def _evaluate_batch(
+        self,
+        worktree: Path,
+        components: dict[str, str],
+        examples: list[tuple[int, dict[str, Any]]],
+        capture_traces: bool,
+    ) -> list[ExampleResult]:
+        """One runner process over ``examples``; returns a non-empty prefix of their results."""
         request = self._request("evaluate", components)
         request["examples"] = [{"index": index, "data": data} for index, data in examples]
         request["capture_traces"] = capture_traces
         timeout = len(examples) * self.per_example_timeout_s + STARTUP_ALLOWANCE_S
         answer = self._call(worktree, request, timeout, f"evaluating {len(examples)} example(s)")
         rows = answer.get("results")
-        if not isinstance(rows, list) or len(rows) != len(examples):
+        if not isinstance(rows, list):
+            rows = []
+        complete = len(rows) == len(examples)
+        stopped = 0 < len(rows) < len(examples) and answer.get("stopped_after_timeout")
+        if not (complete or stopped):
             raise UserProgramError(
-                f"the runner answered {len(rows) if isinstance(rows, list) else 'no'} results "
-                f"for {len(examples)} examples",
+                f"the runner answered {len(rows)} results for {len(examples)} examples",
                 "this is a bug in CodeEvolver's runner; please report it",
             )
         results = []
-        for (index, _), row in zip(examples, rows, strict=True):
+        for (index, _), row in zip(examples, rows, strict=False):
             if row.get("index") != index:
                 raise UserProgramError(
                     f"the runner answered example {row.get('index')!r} where {index!r} was expected",
@@ -93,9 +112,7 @@ class Evaluator:
 
     def describe(self, worktree: Path) -> dict[str, str]:
         """The program's own components (DSPy predictor instructions; empty for plain Python)."""
-        answer = self._call(
-            worktree, self._request("describe", {}), STARTUP_ALLOWANCE_S * 2, "loading the program"
-        )
+        answer = self._call(worktree, self._request("describe", {}), STARTUP_ALLOWANCE_S * 2, "loading the program")
         components = answer.get("components")
         if not isinstance(components, dict):
             raise UserProgramError(

@@ -44,7 +44,9 @@ def resolve_python(repo: Path, cache_dir: Path | None = None, base_python: str |
     With ``requirements.txt`` the environment holds exactly what it asks for;
     without one it is an empty venv, so the base interpreter's own site-packages
     stay invisible too. The cache key is the sha256 of requirements.txt plus the
-    base interpreter's path, so changing either builds a new environment.
+    base interpreter's path, so changing either builds a new environment. Only
+    that file's bytes count: a ``-r other.txt`` or ``-e .`` line it contains is
+    installed but does not change the key.
     """
     base = base_python or default_base_python()
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()

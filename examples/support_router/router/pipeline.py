@@ -46,7 +46,7 @@ def chat(messages: list[dict[str, str]], timeout_s: float = 120.0) -> str:
     """One chat completion against $OPENAI_BASE_URL with the model in $CODEEVOLVER_MODEL."""
     base = os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1").rstrip("/")
     model = os.environ.get("CODEEVOLVER_MODEL", "gpt-4o-mini").removeprefix("openai/")
-    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": 64}
+    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": 48}
     request = urllib.request.Request(
         f"{base}/chat/completions",
         data=json.dumps(body).encode(),

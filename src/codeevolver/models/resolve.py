@@ -99,7 +99,7 @@ def preflight(spec: ModelSpec) -> None:
 def program_env(plan: ModelPlan, env: Mapping[str, str]) -> dict[str, str]:
     """The model variables the user's program sees (later: the gateway with placeholder keys)."""
     task = plan.task
-    out = {"CODEEVOLVER_MODEL": task.name}
+    out = {"CODEEVOLVER_MODEL": task.name, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     if task.api_base:
         out["OPENAI_BASE_URL"] = task.api_base
         out["OPENAI_API_KEY"] = task.api_key or "codeevolver"

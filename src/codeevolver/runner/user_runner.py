@@ -25,6 +25,7 @@ the program cannot run at all.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
@@ -223,6 +224,9 @@ class PythonProgram:
             )
         self.components = dict(components)
 
+    def warm_up(self) -> None:
+        pass
+
     def describe(self) -> dict[str, str]:
         return {}
 
@@ -284,6 +288,12 @@ class DspyProgram:
                 cache=False,
             )
             dspy.configure(lm=lm)
+
+    def warm_up(self) -> None:
+        """Import litellm now: dspy does it lazily on the first call, which would charge the
+        first example seconds of import, and an alarm there leaves a half-imported module."""
+        with contextlib.suppress(Exception):
+            import litellm  # type: ignore[import-untyped,import-not-found,unused-ignore]  # noqa: F401
 
     def describe(self) -> dict[str, str]:
         return {name: pred.signature.instructions for name, pred in self.program.named_predictors()}
@@ -363,7 +373,7 @@ def evaluate_one(
         raw = metric(*args)
     except ExampleTimeout:
         alarm.stop()
-        return failure(f"{phase} timed out after {alarm.seconds:g}s", output, program)
+        return failure(f"{phase} timed out after {alarm.seconds:g}s", output, program, timed_out=True)
     except (Exception, SystemExit) as exc:  # any user failure is this example's
         alarm.stop()
         traceback.print_exc(file=sys.stderr)
@@ -383,10 +393,16 @@ def evaluate_one(
 
 
 def failure(
-    message: str, output: Any = None, program: PythonProgram | DspyProgram | None = None
+    message: str,
+    output: Any = None,
+    program: PythonProgram | DspyProgram | None = None,
+    timed_out: bool = False,
 ) -> dict[str, Any]:
     shown = program.output_json(output) if program is not None and output is not None else None
-    return {"score": 0.0, "feedback": "", "output": shown, "traces": {}, "error": clip(message)}
+    result: dict[str, Any] = {"score": 0.0, "feedback": "", "output": shown, "traces": {}, "error": clip(message)}
+    if timed_out:
+        result["timed_out"] = True
+    return result
 
 
 def handle(request: dict[str, Any]) -> dict[str, Any]:
@@ -406,6 +422,7 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
     if metric is None:
         raise Fatal("metric_spec", "no metric given", "set metric to 'package.module:function'")
     takes_trace = wants_trace(metric)
+    program.warm_up()
     alarm = Alarm(float(request.get("timeout_s") or 0))
     capture = bool(request.get("capture_traces"))
     input_keys = request.get("input_keys")
@@ -414,9 +431,15 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
         try:
             result = evaluate_one(program, metric, takes_trace, item["data"], input_keys, capture, alarm)
         except ExampleTimeout:  # the alarm fired while a failure was being recorded
-            result = failure(f"program timed out after {alarm.seconds:g}s")
+            result = failure(f"program timed out after {alarm.seconds:g}s", timed_out=True)
+        timed_out = result.pop("timed_out", False)
         result["index"] = item["index"]
         results.append(result)
+        if timed_out:
+            # The alarm interrupted arbitrary code (a half-done import, a held lock, a
+            # connection pool mid-update): this process is no longer trustworthy. Stop
+            # here; the caller runs the remaining examples in a fresh process.
+            return {"ok": True, "results": results, "stopped_after_timeout": True}
     return {"ok": True, "results": results}
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from codeevolver.types import Candidate, ExampleResult
 
-RUN_STATUSES = frozenset({"running", "finished", "stopped", "failed", "cancelled"})
+RUN_STATUSES = frozenset({"running", "cancelling", "finished", "stopped", "failed", "cancelled"})
 TERMINAL_RUN_STATUSES = frozenset({"finished", "stopped", "failed", "cancelled"})
 CANDIDATE_STATUSES = frozenset({"accepted", "rejected", "failed", "seed"})
 SPLITS = frozenset({"train", "val"})
