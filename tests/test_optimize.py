@@ -116,7 +116,7 @@ def test_same_seed_same_run(tmp_path: Path) -> None:
     outcomes = []
     for name in ("a", "b"):
         repo = make_repo(tmp_path / name)
-        with ScriptedOpenAIServer(RouterWorld()) as server:
+        with ScriptedOpenAIServer(RouterWorld(reflection_prompt=BAD_PROMPT)) as server:
             result = optimize(repo, server, "--max-metric-calls", "150", "--seed", "7", "--concurrency", "1")
         with store_of(repo) as store:
             rows = store.list_candidates(result["run_id"])
@@ -138,7 +138,7 @@ def test_usd_budget_stops_the_run(tmp_path: Path) -> None:
     with ScriptedOpenAIServer(RouterWorld(reflection_prompt=BAD_PROMPT)) as server:
         result = optimize(
             repo, server, "--mutate", "prompts", "--reflection-model", "openai/gpt-4o",
-            "--max-metric-calls", "400", "--max-usd", "0.00001",
+            "--max-metric-calls", "400", "--max-usd", "0.00001", "--concurrency", "1",
         )  # fmt: skip
     assert result["status"] == "finished"
     assert result["usage"]["calls"] == 1

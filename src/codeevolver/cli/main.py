@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from codeevolver.cli.progress import ProgressPrinter
 from codeevolver.errors import CodeEvolverError, GitError, RunNotFound
@@ -45,9 +46,9 @@ def _guard(debug: bool, action: Callable[[], T]) -> T:
     except CodeEvolverError as exc:
         if debug:
             traceback.print_exc()
-        err.print(f"[bold red]error:[/] {exc.message}", highlight=False, markup=True, soft_wrap=True)
+        err.print(Text.assemble(("error: ", "bold red"), exc.message), highlight=False, soft_wrap=True)
         if exc.fix:
-            err.print(f"[bold]fix:[/] {exc.fix}", highlight=False, soft_wrap=True)
+            err.print(Text.assemble(("fix: ", "bold"), exc.fix), highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -55,7 +56,7 @@ def _guard(debug: bool, action: Callable[[], T]) -> T:
     except Exception as exc:
         if debug:
             traceback.print_exc()
-        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}", highlight=False)
+        err.print(Text.assemble(("internal error: ", "bold red"), f"{type(exc).__name__}: {exc}"), highlight=False)
         err.print("please report it; run again with --debug for the traceback", highlight=False)
         raise typer.Exit(1) from None
 

@@ -184,8 +184,7 @@ class EmbeddedModelServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ModelError(
-                    f"the embedded model server exited with status {self.process.returncode}:\n"
-                    f"{self.log_tail()}",
+                    f"the embedded model server exited with status {self.process.returncode}:\n{self.log_tail()}",
                     f"see {self.log_path}; reinstall with {INSTALL_FIX}",
                 )
             try:
