@@ -44,9 +44,9 @@ class ProgressPrinter:
         if self.live is not None:
             self.live.update(Text(line))
             if state["kind"] in _EVENTS - {"proposal_skipped"}:
-                self.live.console.print(event_line(state), highlight=False)
+                self.live.console.print(event_line(state), highlight=False, markup=False)
         elif state["kind"] in _EVENTS:
-            self.console.print(f"{event_line(state)}  | {line}", highlight=False, soft_wrap=True)
+            self.console.print(f"{event_line(state)}  | {line}", highlight=False, soft_wrap=True, markup=False)
 
 
 def status_line(s: dict[str, Any]) -> str:
