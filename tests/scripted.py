@@ -99,7 +99,9 @@ class RouterWorld:
         self._count("agent")
         turns = sum(1 for m in messages if m["role"] == "assistant")
         if turns == 0:
-            return Reply(tool_calls=[("bash", {"command": f"{self.agent_command} && grep -c lower router/pipeline.py"})])
+            return Reply(
+                tool_calls=[("bash", {"command": f"{self.agent_command} && grep -c lower router/pipeline.py"})]
+            )
         return Reply(tool_calls=[("bash", {"command": "echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT"})])
 
 

@@ -205,9 +205,7 @@ def test_commands_run_in_the_sandbox_with_the_policy_env(repo: Path, monkeypatch
     sandbox = RecordingSandbox()
     usage: list[UsageRecord] = []
     with ScriptedOpenAIServer(scripted([bash(probe), bash(SUBMIT)])) as server:
-        task = make_task(
-            repo, server.url, usage, sandbox=sandbox, policy=SandboxPolicy(workdir=Path("/"), env=env)
-        )
+        task = make_task(repo, server.url, usage, sandbox=sandbox, policy=SandboxPolicy(workdir=Path("/"), env=env))
         result = MiniSweAgent(command_timeout_s=30).run(task)
 
     assert result.ok, result.reason

@@ -117,7 +117,9 @@ def test_bad_input(case: Case, tmp_path: Path, server: ScriptedOpenAIServer) -> 
     env = cli_env(OPENAI_API_KEY=case.api_key or "sk-right")
     if case.command == "resume":
         if case.name == "resume unknown run":
-            run_cli("optimize", str(repo), "--api-base", server.url, "--model", "s", "--max-metric-calls", "60", env=env)
+            run_cli(
+                "optimize", str(repo), "--api-base", server.url, "--model", "s", "--max-metric-calls", "60", env=env
+            )
         proc = run_cli("resume", "r-nope", "--path", str(repo), env=env)
     else:
         args = ("--api-base", server.url, "--model", "s")

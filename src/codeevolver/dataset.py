@@ -19,15 +19,11 @@ Example = dict[str, Any]
 def load_dataset(path: Path, input_keys: list[str] | None = None) -> list[Example]:
     """Load every row of ``path``; check each has the ``input_keys``."""
     if not path.is_file():
-        raise DatasetError(
-            f"dataset file {path} does not exist", "fix the path in codeevolver.toml [program]"
-        )
+        raise DatasetError(f"dataset file {path} does not exist", "fix the path in codeevolver.toml [program]")
     suffix = path.suffix.lower()
     loaders = {".jsonl": _load_jsonl, ".json": _load_json, ".csv": _load_csv}
     if suffix not in loaders:
-        raise DatasetError(
-            f"dataset {path} has an unsupported extension {suffix!r}", "use .jsonl, .json or .csv"
-        )
+        raise DatasetError(f"dataset {path} has an unsupported extension {suffix!r}", "use .jsonl, .json or .csv")
     try:
         rows = loaders[suffix](path)
     except UnicodeDecodeError as exc:

@@ -254,9 +254,7 @@ def _engine(
         max_usd=Decimal(str(opt.max_usd)) if opt.max_usd is not None else None,
         max_seconds=opt.max_minutes * 60 - elapsed_s if opt.max_minutes is not None else None,
     )
-    settings = EngineSettings(
-        opt.concurrency, opt.minibatch_size, opt.seed, opt.skip_perfect_score, opt.perfect_score
-    )
+    settings = EngineSettings(opt.concurrency, opt.minibatch_size, opt.seed, opt.skip_perfect_score, opt.perfect_score)
     return Engine(
         run_id,
         parts,
@@ -429,9 +427,7 @@ def apply_candidate(store: Store, run_id: str, candidate_id: str | None) -> str:
         where = f"checked out branch {cand.branch}"
     else:
         where = f"kept the current checkout (candidate {cand.id} is the seed)"
-    config = parse_config(
-        {k: v for k, v in run.config.items() if k != "_resolved"}, repo / "codeevolver.toml"
-    )
+    config = parse_config({k: v for k, v in run.config.items() if k != "_resolved"}, repo / "codeevolver.toml")
     _, files = resolve_components(config, repo) if config.components else ({}, {})
     loose = {name: text for name, text in cand.components.items() if name not in files}
     for name, rel in files.items():
@@ -439,7 +435,5 @@ def apply_candidate(store: Store, run_id: str, candidate_id: str | None) -> str:
             (repo / rel).write_text(cand.components[name], encoding="utf-8")
     if loose:
         (repo / "codeevolver.prompts.json").write_text(json.dumps(loose, indent=2) + "\n", encoding="utf-8")
-        where += (
-            "; wrote the evolved instructions of " + ", ".join(sorted(loose)) + " to codeevolver.prompts.json"
-        )
+        where += "; wrote the evolved instructions of " + ", ".join(sorted(loose)) + " to codeevolver.prompts.json"
     return f"{where} (candidate {cand.id}, val score {cand.val_score})"

@@ -117,9 +117,7 @@ class MeteredModel:
     def query(self, messages: list[dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
         """One metered call; the reply as a message dict with parsed ``extra.actions``."""
         prepared = [{k: v for k, v in m.items() if k != "extra"} for m in messages]
-        completion = self.model.complete(
-            prepared, purpose="agent", tools=[BASH_TOOL], candidate_id=self.candidate_id
-        )
+        completion = self.model.complete(prepared, purpose="agent", tools=[BASH_TOOL], candidate_id=self.candidate_id)
         # The agent adds only float costs; the Decimal stays in our ledger.
         cost = float(completion.usage.cost_usd) if completion.usage else 0.0
         message = dict(completion.message)
@@ -167,9 +165,7 @@ class _DeadlineAgent(DefaultAgent):
 
     def query(self) -> dict:
         if time.monotonic() >= self.deadline:
-            raise TimeExceeded(
-                {"role": "exit", "content": "TimeExceeded", "extra": {"exit_status": "TimeExceeded"}}
-            )
+            raise TimeExceeded({"role": "exit", "content": "TimeExceeded", "extra": {"exit_status": "TimeExceeded"}})
         return super().query()
 
 
@@ -183,9 +179,7 @@ class MiniSweAgent:
 
     def run(self, task: AgentTask) -> AgentResult:
         deadline = time.monotonic() + task.timeout_s
-        policy = dataclasses.replace(
-            task.policy, workdir=task.worktree, env={**NONINTERACTIVE_ENV, **task.policy.env}
-        )
+        policy = dataclasses.replace(task.policy, workdir=task.worktree, env={**NONINTERACTIVE_ENV, **task.policy.env})
         command_timeout = min(self.command_timeout_s, task.policy.timeout_s or self.command_timeout_s)
         env = SandboxEnvironment(task.sandbox, policy, command_timeout, deadline)
         agent = _DeadlineAgent(
@@ -222,9 +216,7 @@ def _result(agent: DefaultAgent, task: AgentTask, info: dict[str, Any]) -> Agent
     reasons = {
         "LimitsExceeded": f"agent stopped: exceeded {task.max_steps} steps",
         "TimeExceeded": f"agent stopped: exceeded the {task.timeout_s:g} s timeout",
-        "RepeatedFormatError": (
-            f"agent stopped: {MAX_FORMAT_ERRORS} replies in a row without a bash tool call"
-        ),
+        "RepeatedFormatError": (f"agent stopped: {MAX_FORMAT_ERRORS} replies in a row without a bash tool call"),
         "ContextWindowExceeded": "agent stopped: the conversation exceeded the model's context window",
     }
     reason = reasons.get(status, f"agent stopped: {status or 'unknown reason'}")

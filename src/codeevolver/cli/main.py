@@ -28,8 +28,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+# Piped output (scripts, tests) gets wide lines, so ids and branch names are never cut short.
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 T = TypeVar("T")
 
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
@@ -63,15 +64,11 @@ def _guard(debug: bool, action: Callable[[], T]) -> T:
 
 @app.command()
 def optimize(
-    path: Annotated[Path, typer.Argument(help="The project repository (holds codeevolver.toml).")] = Path(
-        "."
-    ),
+    path: Annotated[Path, typer.Argument(help="The project repository (holds codeevolver.toml).")] = Path("."),
     model: Annotated[str | None, typer.Option(help="Model the program uses (litellm name).")] = None,
     reflection_model: Annotated[str | None, typer.Option(help="Model that proposes changes.")] = None,
     agent_model: Annotated[str | None, typer.Option(help="Model of the coding agent.")] = None,
-    api_base: Annotated[
-        str | None, typer.Option(help="Send every model call to this OpenAI-compatible URL.")
-    ] = None,
+    api_base: Annotated[str | None, typer.Option(help="Send every model call to this OpenAI-compatible URL.")] = None,
     mutate: Annotated[str | None, typer.Option(help="prompts | code | both")] = None,
     max_metric_calls: Annotated[int | None, typer.Option(help="Budget in metric calls.")] = None,
     max_usd: Annotated[float | None, typer.Option(help="Budget in US dollars of model usage.")] = None,
@@ -171,16 +168,12 @@ def status(
             summary = summarize(store, rid)
             run = store.get_run(rid)
             if as_json:
-                out.print_json(
-                    json.dumps(summary.to_json() | {"iteration": run.iteration, "error": run.error})
-                )
+                out.print_json(json.dumps(summary.to_json() | {"iteration": run.iteration, "error": run.error}))
                 return
             _print_summary(summary, False)
             out.print(f"iterations: {run.iteration}   error: {run.error or '-'}")
             for event in store.events(rid)[-8:]:
-                out.print(
-                    f"  {event.time:%H:%M:%S} {event.kind} {json.dumps(event.data)[:150]}", highlight=False
-                )
+                out.print(f"  {event.time:%H:%M:%S} {event.kind} {json.dumps(event.data)[:150]}", highlight=False)
 
     _guard(debug, action)
 
@@ -233,9 +226,7 @@ def diff(
             seed = store.list_candidates(run_id)[0]
             repo = Path(run.repo_path)
             ws = GitWorkspace(repo, repo / ".codeevolver" / "work" / "diff")
-            out.print(
-                ws.diff(run.base_commit, cand.commit) or "(no code change)", highlight=False, markup=False
-            )
+            out.print(ws.diff(run.base_commit, cand.commit) or "(no code change)", highlight=False, markup=False)
             for name, text in cand.components.items():
                 if seed.components.get(name) != text:
                     out.print(f"--- prompt {name} ---", markup=False)
@@ -264,15 +255,19 @@ def apply(
 
 
 @app.command()
-def cancel(
-    run_id: str, path: PathOpt = Path("."), state_dir: StateOpt = None, debug: DebugOpt = False
-) -> None:
+def cancel(run_id: str, path: PathOpt = Path("."), state_dir: StateOpt = None, debug: DebugOpt = False) -> None:
     """Ask a running optimization to stop after saving its state."""
 
     def action() -> None:
         with _store(path, state_dir) as store:
+            run = store.get_run(run_id)
+            if run.status != "running":
+                raise CodeEvolverError(
+                    f"run {run_id} is not running (it is {run.status})",
+                    "nothing to cancel; `codeevolver runs` lists the runs",
+                )
             store.update_run(run_id, status="cancelling")
-        out.print(f"asked run {run_id} to stop")
+        out.print(f"asked run {run_id} to stop; it saves its state and exits")
 
     _guard(debug, action)
 
@@ -348,9 +343,7 @@ def _print_summary(summary: Any, as_json: bool) -> None:
         highlight=False,
     )
     if summary.best_branch:
-        out.print(
-            f"best branch: {summary.best_branch}  (codeevolver apply {summary.run_id})", highlight=False
-        )
+        out.print(f"best branch: {summary.best_branch}  (codeevolver apply {summary.run_id})", highlight=False)
 
 
 def main() -> None:

@@ -31,9 +31,7 @@ class ProgressPrinter:
             self.live.start()
         return self
 
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         if self.live is not None:
             self.live.stop()
 

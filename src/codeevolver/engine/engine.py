@@ -405,9 +405,7 @@ class Engine:
 
     def _update_best(self) -> None:
         best = self.best()
-        self.store.update_run(
-            self.run_id, best_candidate_id=best.id, best_score=mean_score(self.val[best.id])
-        )
+        self.store.update_run(self.run_id, best_candidate_id=best.id, best_score=mean_score(self.val[best.id]))
 
     def _close(self) -> str:
         failure = getattr(self, "_failure", None)

@@ -41,9 +41,7 @@ class ComponentSelector:
         prompts = sorted(c for c in components if c != CODE_COMPONENT)
         if self.mutate == "code" and self.code_allowed(iteration):
             return CODE_COMPONENT
-        use_code = self.code_allowed(iteration) and (
-            not prompts or self.prompts_since_code >= self.ratio(iteration)
-        )
+        use_code = self.code_allowed(iteration) and (not prompts or self.prompts_since_code >= self.ratio(iteration))
         if use_code:
             self.prompts_since_code = 0
             return CODE_COMPONENT

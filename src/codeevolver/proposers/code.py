@@ -139,9 +139,7 @@ class CodeProposer:
                 summary=result.summary,
                 transcript=result.transcript,
             )
-        commit = self.workspace.commit_dir(
-            worktree, parent_commit, f"codeevolver {candidate_id}: {request[:60]}"
-        )
+        commit = self.workspace.commit_dir(worktree, parent_commit, f"codeevolver {candidate_id}: {request[:60]}")
         if commit is None:
             return CodeChange(
                 None,

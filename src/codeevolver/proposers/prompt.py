@@ -47,16 +47,12 @@ class PromptProposer:
             if self.additional_instructions
             else ""
         )
-        return TEMPLATE.format(
-            component=component, current=current, records=render(records), instructions=instructions
-        )
+        return TEMPLATE.format(component=component, current=current, records=render(records), instructions=instructions)
 
     def propose(
         self, component: str, current: str, records: list[dict[str, str]], candidate_id: str | None = None
     ) -> str:
         """Return the new text for ``component`` (may equal ``current`` if the model had no idea)."""
         prompt = self.build_prompt(component, current, records)
-        reply = self.lm.complete(
-            [{"role": "user", "content": prompt}], purpose="reflection", candidate_id=candidate_id
-        )
+        reply = self.lm.complete([{"role": "user", "content": prompt}], purpose="reflection", candidate_id=candidate_id)
         return extract_text(reply.text)

@@ -52,6 +52,4 @@ class Sandbox(Protocol):
     isolated: bool
     """False only for the ``unsafe`` tier: the CLI refuses it without an explicit opt-in."""
 
-    def run(
-        self, argv: Sequence[str], policy: SandboxPolicy, stdin: bytes | None = None
-    ) -> CommandResult: ...
+    def run(self, argv: Sequence[str], policy: SandboxPolicy, stdin: bytes | None = None) -> CommandResult: ...

@@ -112,9 +112,7 @@ class ScriptedOpenAIServer:
 
             def do_GET(self) -> None:
                 if self.path.rstrip("/").endswith("/models"):
-                    self._send_json(
-                        200, {"object": "list", "data": [{"id": server.model, "object": "model"}]}
-                    )
+                    self._send_json(200, {"object": "list", "data": [{"id": server.model, "object": "model"}]})
                 else:
                     self._send_json(404, _error("not found", "not_found_error"))
 

@@ -39,9 +39,7 @@ def git(
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
     full_env.update(_AUTHOR)
     full_env.update(env or {})
-    proc = subprocess.run(
-        ["git", *_SAFE, *args], cwd=cwd, env=full_env, input=stdin, capture_output=True, check=False
-    )
+    proc = subprocess.run(["git", *_SAFE, *args], cwd=cwd, env=full_env, input=stdin, capture_output=True, check=False)
     if check and proc.returncode != 0:
         message = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         raise GitError(f"git {args[0]} failed in {cwd}: {message[-1] if message else proc.returncode}")
@@ -65,9 +63,7 @@ def check_repo(path: Path, state_dir_name: str = ".codeevolver") -> tuple[Path, 
         ["git", *_SAFE, "rev-parse", "--verify", "HEAD^{commit}"], cwd=root, capture_output=True, text=True
     )
     if head.returncode != 0:
-        raise GitError(
-            f"{root} has no commits yet", "commit your project first: git add -A && git commit -m init"
-        )
+        raise GitError(f"{root} has no commits yet", "commit your project first: git add -A && git commit -m init")
     exclude_state_dir(root, state_dir_name)
     dirty = git("status", "--porcelain", "--untracked-files=normal", cwd=root).strip()
     if dirty:
