@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from scripted import RouterWorld, cli_env, make_repo, run_cli
 
 from codeevolver.testing.fake_openai import ScriptedOpenAIServer
+from scripted import RouterWorld, cli_env, make_repo, run_cli
 
 
 def edit_toml(old: str, new: str) -> Callable[[Path], None]:
@@ -40,6 +40,7 @@ def chain(*edits: Callable[[Path], None]) -> Callable[[Path], None]:
 
 
 HANGING = "import time\n\ndef route(example, prompts):\n    time.sleep(30)\n"
+TIMEOUT_1S = edit_toml('input_keys = ["ticket"]', 'input_keys = ["ticket"]\nexample_timeout_s = 1')
 CRASHING = "def route(example, prompts):\n    raise RuntimeError('boom in the pipeline')\n"
 BAD_METRIC = "def score(example, output):\n    return 'great'\n"
 
@@ -78,9 +79,9 @@ CASES = [
     Case("api key rejected", r"rejected the API key", api_key="sk-wrong"),
     Case("budget of 0", r"budget max_metric_calls is 0", args=("--max-metric-calls", "0")),
     Case("budget too small for the seed", r"cannot even score the seed", args=("--max-metric-calls", "10")),
-    Case("program hangs", r"timed out after 1", chain(
-        write("router/pipeline.py", HANGING), edit_toml('input_keys = ["ticket"]', 'input_keys = ["ticket"]\nexample_timeout_s = 1'))),
-    Case("program crashes every row", r"failed on 15 of 15.*boom in the pipeline", write("router/pipeline.py", CRASHING)),
+    Case("program hangs", r"timed out after 1", chain(write("router/pipeline.py", HANGING), TIMEOUT_1S)),
+    Case("program crashes every row", r"failed on 15 of 15.*boom in the pipeline",
+         write("router/pipeline.py", CRASHING)),
     Case("unwritable state dir", r"state directory", args=("--state-dir", "/proc/version/state")),
     Case("unknown sandbox tier", r"unknown sandbox tier 'moon'", args=("--sandbox", "moon")),
     Case("bad --mutate", r"--mutate 'everything'", args=("--mutate", "everything")),

@@ -7,9 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from scripted import BAD_PROMPT, RouterWorld, make_repo, popen_cli, run_cli
 
 from codeevolver.testing.fake_openai import ScriptedOpenAIServer
+from scripted import BAD_PROMPT, RouterWorld, make_repo, popen_cli, run_cli
 
 
 @pytest.fixture(scope="module")

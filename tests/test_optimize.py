@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from scripted import BAD_PROMPT, RouterWorld, make_repo, popen_cli, run_cli
 
 from codeevolver.store import Store
 from codeevolver.testing.fake_openai import ScriptedOpenAIServer
+from scripted import BAD_PROMPT, RouterWorld, make_repo, popen_cli, run_cli
 
 
 def optimize(repo: Path, server: ScriptedOpenAIServer, *extra: str) -> dict:
@@ -180,7 +180,7 @@ def test_sigint_stops_gracefully(tmp_path: Path) -> None:
                          "--mutate", "prompts", "--max-metric-calls", "100000")  # fmt: skip
         run_id = wait_for_run(repo, accepted=1)
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
+        _stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     with store_of(repo) as store:
         run = store.get_run(run_id)

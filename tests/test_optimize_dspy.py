@@ -11,10 +11,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from scripted import ROOT, cli_env, run_cli
-
 from codeevolver.store import Store
 from codeevolver.testing.fake_openai import Reply, ScriptedOpenAIServer
+from scripted import ROOT, cli_env, run_cli
 
 EXAMPLE = ROOT / "examples" / "dspy_qa"
 GOOD = "DSPY_GOOD"

@@ -60,7 +60,8 @@ def event_line(s: dict[str, Any]) -> str:
     d = s["data"]
     kind = s["kind"]
     if kind == "candidate_accepted":
-        return f"✓ {d['candidate']} accepted: minibatch {d['minibatch'][0]:g} → {d['minibatch'][1]:g}, val {d['val_score']:.3f}"
+        old, new = d["minibatch"]
+        return f"✓ {d['candidate']} accepted: minibatch {old:g} → {new:g}, val {d['val_score']:.3f}"
     if kind == "candidate_rejected":
         return f"✗ {d['candidate']} rejected: {d['reason'][:120]}"
     if kind == "seed_evaluated":
