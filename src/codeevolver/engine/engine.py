@@ -14,6 +14,7 @@ store before the loop moves on; a resumed run rebuilds its state from there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 import time
@@ -76,11 +77,11 @@ async def in_thread(fn: Callable[..., T], *args: Any) -> T:
 
     def target() -> None:
         try:
-            result = fn(*args)
+            outcome: tuple[Any, BaseException | None] = (fn(*args), None)
         except BaseException as exc:  # handed to the awaiting coroutine
-            loop.call_soon_threadsafe(_settle, future, None, exc)
-        else:
-            loop.call_soon_threadsafe(_settle, future, result, None)
+            outcome = (None, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the run was interrupted
+            loop.call_soon_threadsafe(_settle, future, *outcome)
 
     threading.Thread(target=target, daemon=True).start()
     return await future

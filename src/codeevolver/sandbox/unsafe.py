@@ -7,10 +7,12 @@ command from reading or writing anything the user can.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 
@@ -21,6 +23,19 @@ UNPROTECTED = (
     "the program and every AI-written change run as your user, can read and write "
     "any of your files, can reach any network address and can see your environment"
 )
+
+
+_live_groups: set[int] = set()
+_live_lock = threading.Lock()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """An interrupted run exits at once; the commands it started must not outlive it."""
+    with _live_lock:
+        groups = list(_live_groups)
+    for pgid in groups:
+        _kill_group(pgid)
 
 
 class UnsafeSandbox:
@@ -46,6 +61,8 @@ class UnsafeSandbox:
                 f"cannot start {argv[0]!r}: {exc.strerror}",
                 "check that the program exists and is executable",
             ) from exc
+        with _live_lock:
+            _live_groups.add(proc.pid)
         timed_out = False
         try:
             out, err = proc.communicate(stdin, timeout=policy.timeout_s)
@@ -55,6 +72,8 @@ class UnsafeSandbox:
             out, err = proc.communicate()
         finally:
             _kill_group(proc.pid)  # daemonized children of a finished command too
+            with _live_lock:
+                _live_groups.discard(proc.pid)
         return CommandResult(
             returncode=124 if timed_out else proc.returncode,
             stdout=out.decode("utf-8", "replace"),
