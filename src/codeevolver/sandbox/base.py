@@ -33,6 +33,15 @@ class SandboxPolicy:
     timeout_s: float | None = None
     memory_mb: int | None = None
     pids: int | None = None
+    cpu_percent: int | None = None
+    """CPU quota in percent of one core (200 = two cores); None = no cap."""
+    tmp_mb: int = 256
+    """Size cap of the private /tmp."""
+    gateway_socket: Path | None = None
+    """Host unix socket of the egress gateway: the sandbox's only way out. The tier makes it
+    reachable at ``127.0.0.1:proxy_port`` inside and sets HTTP_PROXY/HTTPS_PROXY to it.
+    None means no network at all."""
+    proxy_port: int = 3128
     allow_domains: tuple[str, ...] = ()
 
 
