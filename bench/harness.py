@@ -67,6 +67,7 @@ def run_engine(
 ) -> tuple[Store, str]:
     """Run a new prompts-only optimization of ``repo`` to its end; return the store and the run id."""
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True, text=True).stdout
+    state.mkdir(parents=True, exist_ok=True)
     store = Store(f"sqlite:///{state / 'runs.db'}")
     run_id = store.create_run({}, str(repo), head.strip(), settings.seed)
     components = {name: (repo / path).read_text() for name, path in program.component_files.items()}

@@ -150,7 +150,7 @@ def _load(options: RunOptions, env: dict[str, str]) -> _Prepared:
 
 
 @contextlib.contextmanager
-def _models(prepared: _Prepared) -> Iterator[ModelPlan]:
+def _models(prepared: _Prepared, progress: Progress | None = None) -> Iterator[ModelPlan]:
     """Start the embedded model when no model is configured; stop it when the run ends."""
     if not prepared.plan.embedded:
         preflight(prepared.plan.reflection)
@@ -158,6 +158,9 @@ def _models(prepared: _Prepared) -> Iterator[ModelPlan]:
         return
     from codeevolver.models.embedded import EmbeddedModelServer
 
+    if progress is not None:
+        message = "no model configured and no API key set: serving SmolLM2-135M locally (llama.cpp)"
+        progress({"kind": "phase", "message": message})
     with EmbeddedModelServer() as server:
         plan = embedded_plan(server.spec())
         prepared.plan = plan
@@ -271,7 +274,7 @@ def start_run(options: RunOptions, progress: Progress | None = None) -> RunSumma
     """Check everything, create the run, evolve until a budget or a stop, return the summary."""
     prepared = _load(options, dict(os.environ))
     state_dir = state_dir_for(prepared.repo, options.state_dir)
-    with _models(prepared) as plan:
+    with _models(prepared, progress) as plan:
         store = open_store(state_dir, create=True)
         try:
             return _start(prepared, plan, store, state_dir, progress)
@@ -282,6 +285,9 @@ def start_run(options: RunOptions, progress: Progress | None = None) -> RunSumma
 def _start(
     prepared: _Prepared, plan: ModelPlan, store: Store, state_dir: Path, progress: Progress | None
 ) -> RunSummary:
+    say = progress or (lambda state: None)
+    rows = min(VALIDATION_ROWS, len(prepared.trainset))
+    say({"kind": "phase", "message": f"checking the program on {rows} training rows ({plan.task.name})"})
     probe_ws = GitWorkspace(prepared.repo, state_dir / "work" / "preflight")
     parts, evaluator = _parts(prepared, store, "preflight", state_dir)
     seed = Candidate(id="c000", components=dict(prepared.components), commit=prepared.head)
@@ -308,6 +314,7 @@ def _start(
     )
     parts, _ = _parts(prepared, store, run_id, state_dir)
     engine = _engine(prepared, parts, run_id, state_dir, progress)
+    say({"kind": "phase", "message": f"run {run_id}: scoring the seed on {len(prepared.valset)} valset rows"})
     _drive(engine, seed)
     return summarize(store, run_id)
 
@@ -363,7 +370,7 @@ def resume_run(
         )
         store.update_run(run_id, status="running", error=None)
         elapsed = (run.updated_at - run.created_at).total_seconds()
-        with _models(prepared):
+        with _models(prepared, progress):
             parts, _ = _parts(prepared, store, run_id, state)
             engine = _engine(prepared, parts, run_id, state, progress, elapsed_s=elapsed)
             _drive(engine, None)

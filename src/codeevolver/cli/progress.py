@@ -38,10 +38,13 @@ class ProgressPrinter:
     def update(self, state: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        if state["kind"] == "phase":
+            self.console.print(f"… {state['message']}", highlight=False, markup=False)
+            return
         line = status_line(state)
         if self.live is not None:
             self.live.update(Text(line))
-            if state["kind"] in _EVENTS - {"proposal_skipped"}:
+            if state["kind"] in _EVENTS - {"proposal_skipped", "proposal_started"}:
                 self.live.console.print(event_line(state), highlight=False, markup=False)
         elif state["kind"] in _EVENTS:
             self.console.print(f"{event_line(state)}  | {line}", highlight=False, soft_wrap=True, markup=False)
@@ -64,6 +67,9 @@ def event_line(s: dict[str, Any]) -> str:
         return f"✓ {d['candidate']} accepted: minibatch {old:g} → {new:g}, val {d['val_score']:.3f}"
     if kind == "candidate_rejected":
         return f"✗ {d['candidate']} rejected: {d['reason'][:120]}"
+    if kind == "proposal_started":
+        what = "code" if d["component"] == "_code" else f"prompt {d['component']!r}"
+        return f"→ {d['candidate']}: changing {what} of {d['parent']} (iteration {d['iteration']})"
     if kind == "seed_evaluated":
         return f"seed {d['candidate']} val {d['val_score']:.3f}"
     if kind == "proposal_skipped":
