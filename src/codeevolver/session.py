@@ -301,7 +301,7 @@ def _start(
     if prepared.config.program.framework == "dspy":
         seed.components = _drop_unused_predictors(seed.components, checked)
     saved = prepared.config.model_dump(mode="json")
-    saved["_resolved"] = {"embedded": plan.embedded, "trainset": len(prepared.trainset)}
+    saved["_resolved"] = {"embedded": plan.embedded, "api_base": plan.task.api_base}
     run_id = store.create_run(saved, str(prepared.repo), prepared.head, prepared.config.optimize.seed)
     store.add_evaluations(run_id, seed.id, "train", checked, "validation")
     store.add_event(
