@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from harness import Program, commit_repo, run_engine
+from harness import Program, commit_repo, machine, run_engine
 
 from codeevolver.engine.engine import Budget, EngineSettings
 from codeevolver.testing.fake_openai import ScriptedOpenAIServer
@@ -51,53 +50,49 @@ class Responder:
         return "New prompt:\n```\nClassify the ticket. Be brief.\n```"
 
 
-def measure(k: int, repo: Path, state: Path, trainset: list, valset: list) -> tuple[int, float, int]:
-    """Run to PROPOSALS proposals at concurrency k; return (proposals, seconds, max model calls in flight)."""
+def measure(k: int, repo: Path, state: Path, trainset: list, valset: list) -> tuple[int, float]:
+    """Run to PROPOSALS proposals at concurrency k; return (proposals started, seconds)."""
     stop_file = state / "stop"
     marks: dict[str, float] = {}
 
     def on_progress(p: dict[str, Any]) -> None:
         if p["kind"] == "seed_evaluated":
             marks["start"] = time.monotonic()
-        if p["iteration"] >= PROPOSALS:  # launched count: stop launching more
+        if p["iteration"] >= PROPOSALS:  # proposals launched so far: launch no more
             stop_file.touch()
 
     with ScriptedOpenAIServer(Responder(trainset + valset), latency_s=LATENCY_S) as server:
         settings = EngineSettings(concurrency=k, minibatch_size=3, seed=0)
-        store, run_id = run_engine(
-            repo, state, PROGRAM, server.url, trainset, valset, settings, Budget(), on_progress, stop_file
-        )
-        seconds = time.monotonic() - marks["start"]
-        started = sum(1 for e in store.events(run_id) if e.kind == "proposal_started")
-        store.close()
-        return started, seconds, server.max_concurrent
+        args = (repo, state, PROGRAM, server.url, trainset, valset, settings, Budget(), on_progress, stop_file)
+        store, run_id = run_engine(*args)
+    seconds = time.monotonic() - marks["start"]
+    started = sum(1 for e in store.events(run_id) if e.kind == "proposal_started")
+    store.close()
+    return started, seconds
 
 
 def main() -> None:
     trainset, valset = rows("train", 12), rows("val", 6)
+    print(f"{PROPOSALS} proposals, every model call {LATENCY_S}s, {len(trainset)} train / {len(valset)} val rows")
+    print(machine())
+    row = "{:>2} {:>9} {:>7} {:>7} {:>8} {:>5}  {}"
+    print(row.format("K", "proposals", "wall s", "s/prop", "speed-up", "/K", "target"))
     with tempfile.TemporaryDirectory(prefix="ce-bench-") as tmp:
         repo = Path(tmp) / "repo"
         shutil.copytree(EXAMPLE, repo, ignore=shutil.ignore_patterns("__pycache__", ".codeevolver"))
         for name, data in (("train", trainset), ("val", valset)):
             (repo / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
         commit_repo(repo)
-        print(f"{PROPOSALS} proposals, every model call {LATENCY_S}s, {len(trainset)} train / {len(valset)} val rows")
-        print(f"{'K':>2} {'proposals':>9} {'wall s':>7} {'s/prop':>7} {'speed-up':>8} {'/K':>5} {'in flight':>9}  target")
-        base = None
-        met = True
+        base, met = 0.0, True
         for k in (1, 4, 8):
-            state = Path(tmp) / f"state-k{k}"
-            state.mkdir()
-            n, seconds, in_flight = measure(k, repo, state, trainset, valset)
+            n, seconds = measure(k, repo, Path(tmp) / f"state-k{k}", trainset, valset)
             per = seconds / n
             base = base or per
             speedup = base / per
-            ok = speedup >= TARGET * k
-            met &= ok
-            verdict = f"{speedup:.2f} >= {TARGET * k:.1f}: {'met' if ok else 'NOT met'}"
-            print(f"{k:>2} {n:>9} {seconds:>7.1f} {per:>7.2f} {speedup:>8.2f} {speedup / k:>5.2f} {in_flight:>9}  {verdict}")
-        print(f"target speed-up >= {TARGET} x K: {'met' if met else 'NOT met'}")
-    sys.stdout.flush()
+            met &= speedup >= TARGET * k
+            verdict = f">= {TARGET * k:.1f}: {'met' if speedup >= TARGET * k else 'NOT met'}"
+            print(row.format(k, n, f"{seconds:.1f}", f"{per:.2f}", f"{speedup:.2f}", f"{speedup / k:.2f}", verdict))
+    print(f"target speed-up >= {TARGET} x K: {'met' if met else 'NOT met'}")
 
 
 if __name__ == "__main__":

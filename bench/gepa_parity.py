@@ -39,7 +39,9 @@ BUDGET = 180
 MINIBATCH = 3
 TOLERANCE = 0.10
 SEED_PROMPT = "Answer the question with a number only.\nRULE_CITE: apply rule CITE.\n"
-PROGRAM = Program("quiz.program:answer", "quiz.metric:score", ["question"], {"instructions": "prompts/instructions.txt"})
+PROGRAM = Program(
+    "quiz.program:answer", "quiz.metric:score", ["question"], {"instructions": "prompts/instructions.txt"}
+)
 FILES = {
     "quiz/__init__.py": "",
     "quiz/program.py": '''"""Answer a quiz question with one model call; the prompt is component 'instructions'."""
@@ -62,14 +64,14 @@ def answer(example, prompts):
     with urllib.request.urlopen(request, timeout=60) as response:
         return {"answer": json.load(response)["choices"][0]["message"]["content"]}
 ''',
-    "quiz/metric.py": '''def score(example, output):
+    "quiz/metric.py": """def score(example, output):
     if output["answer"] == example["answer"]:
         return {"score": 1.0, "feedback": "Correct."}
     return {
         "score": 0.0,
         "feedback": f"Wrong: expected {example['answer']!r}. Questions of this kind need rule {example['rule']}.",
     }
-''',
+""",
     "prompts/instructions.txt": SEED_PROMPT,
 }
 

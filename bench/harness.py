@@ -9,6 +9,7 @@ reached over HTTP through litellm.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,11 +28,22 @@ from codeevolver.userenv import resolve_python
 from codeevolver.workspace.git import GitWorkspace
 
 
+def machine() -> str:
+    """The context every figure needs on a shared machine: cores and the current 1-minute load."""
+    return f"{os.cpu_count()} cores, 1-minute load average {os.getloadavg()[0]:.1f} at start"
+
+
 def commit_repo(repo: Path) -> str:
     """``git init`` + commit everything in ``repo``; return the HEAD commit."""
-    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=b", "-c", "user.email=b@localhost", "commit", "-qm", "seed"]):
+    commit = ["-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "seed"]
+    for args in (["init", "-q"], ["add", "-A"], commit):
         subprocess.run(["git", *args], cwd=repo, check=True)
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+    return head_of(repo)
+
+
+def head_of(repo: Path) -> str:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True, text=True)
+    return out.stdout.strip()
 
 
 @dataclass
@@ -50,7 +62,8 @@ def model_spec(url: str) -> ModelSpec:
 
 def evaluator(repo: Path, program: Program, url: str) -> Evaluator:
     env = {"CODEEVOLVER_MODEL": "openai/scripted", "OPENAI_BASE_URL": url, "OPENAI_API_KEY": "bench"}
-    return Evaluator("python", program.entry, program.metric, program.input_keys, UnsafeSandbox(), resolve_python(repo), env)
+    python = resolve_python(repo)
+    return Evaluator("python", program.entry, program.metric, program.input_keys, UnsafeSandbox(), python, env)
 
 
 def run_engine(
@@ -66,10 +79,10 @@ def run_engine(
     stop_file: Path | None = None,
 ) -> tuple[Store, str]:
     """Run a new prompts-only optimization of ``repo`` to its end; return the store and the run id."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True, text=True).stdout
+    head = head_of(repo)
     state.mkdir(parents=True, exist_ok=True)
     store = Store(f"sqlite:///{state / 'runs.db'}")
-    run_id = store.create_run({}, str(repo), head.strip(), settings.seed)
+    run_id = store.create_run({}, str(repo), head, settings.seed)
     components = {name: (repo / path).read_text() for name, path in program.component_files.items()}
     parts = Parts(
         store,
@@ -82,5 +95,5 @@ def run_engine(
         program.component_files,
     )
     engine = Engine(run_id, parts, trainset, valset, settings, budget, stop_file=stop_file, on_progress=on_progress)
-    asyncio.run(engine.run(Candidate(id="c000", components=components, commit=head.strip())))
+    asyncio.run(engine.run(Candidate(id="c000", components=components, commit=head)))
     return store, run_id

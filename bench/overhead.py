@@ -12,13 +12,15 @@ Prints the median per proposal kind against the 100 ms target.
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
-from harness import commit_repo
+from harness import commit_repo, machine
 
 from codeevolver.store import Store
 from codeevolver.types import Candidate, ExampleResult
@@ -29,6 +31,7 @@ ITERATIONS = 50
 MINIBATCH, VALSET = 3, 30
 TARGET_MS = 100.0
 PROMPT = "prompts/instructions.txt"
+T = TypeVar("T")
 
 
 def make_repo(repo: Path) -> str:
@@ -47,7 +50,7 @@ def results(n: int) -> list[ExampleResult]:
 
 
 class Replay:
-    """The engine's per-proposal git and store calls, one proposal at a time."""
+    """The engine's per-proposal git and store calls, one proposal at a time, timed by kind of call."""
 
     def __init__(self, repo: Path, state: Path, head: str) -> None:
         self.store = Store(f"sqlite:///{state / 'runs.db'}")
@@ -58,69 +61,103 @@ class Replay:
         self.store.add_evaluations(self.run_id, "c000", "val", results(VALSET), "seed-val")
         self.store.add_candidate(self.run_id, self.parent, "seed", val_score=0.5)
         self.n = 0
+        self.spent = {"git": 0.0, "store": 0.0}
 
-    def proposal(self, kind: str) -> float:
-        """One accepted proposal of ``kind``; returns its orchestration time in seconds."""
-        self.n += 1
-        cid, parent, run = f"c{self.n:03d}", self.parent, self.run_id
+    def git(self, fn: Callable[..., T], *args: Any) -> T:
+        return self._timed("git", fn, *args)
+
+    def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return self._timed("store", fn, *args, **kwargs)
+
+    def _timed(self, kind: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         started = time.perf_counter()
-        self.store.get_run(run)  # _may_launch
-        self.store.update_run(run, iteration=self.n)  # _launch
-        self.store.add_event(run, "proposal_started", {"iteration": self.n, "parent": parent.id, "candidate": cid})
-        self.ws.evaluation_dir(parent.commit)
-        self.store.add_evaluations(run, cid, "train", results(MINIBATCH), f"{cid}-parent")
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.spent[kind] += time.perf_counter() - started
+
+    def proposal(self, kind: str) -> dict[str, float]:
+        """One accepted proposal of ``kind``; returns its git and store seconds."""
+        self.n += 1
+        self.spent = {"git": 0.0, "store": 0.0}
+        cid, parent, run, db, git = f"c{self.n:03d}", self.parent, self.run_id, self.db, self.git
+        db(self.store.get_run, run)  # _may_launch
+        db(self.store.update_run, run, iteration=self.n)  # _launch
+        db(self.store.add_event, run, "proposal_started", {"iteration": self.n, "parent": parent.id, "candidate": cid})
+        git(self.ws.evaluation_dir, parent.commit)
+        db(self.store.add_evaluations, run, cid, "train", results(MINIBATCH), f"{cid}-parent")
         text = f"Answer the question. Rule {self.n}.\n"
         if kind == "prompt":
-            commit = self.ws.commit_files(parent.commit, {PROMPT: text}, f"codeevolver {cid}: instructions")
+            commit = git(self.ws.commit_files, parent.commit, {PROMPT: text}, f"codeevolver {cid}: instructions")
         else:
             commit = self.code_change(parent.commit, cid)
         child = Candidate(cid, {"instructions": text}, commit, [parent.id], change_type=kind, iteration=self.n)
-        self.ws.evaluation_dir(commit)
-        self.store.add_evaluations(run, cid, "train", results(MINIBATCH), f"{cid}-child")
-        self.store.add_evaluations(run, cid, "val", results(VALSET), f"{cid}-val")
+        git(self.ws.evaluation_dir, commit)
+        db(self.store.add_evaluations, run, cid, "train", results(MINIBATCH), f"{cid}-child")
+        db(self.store.add_evaluations, run, cid, "val", results(VALSET), f"{cid}-val")
         child.branch = f"codeevolver/{run}/{cid}"
-        self.ws.set_ref(f"refs/heads/{child.branch}", commit)
-        self.store.add_candidate(run, child, "accepted", val_score=0.6)
-        self.store.update_run(run, best_candidate_id=cid, best_score=0.6)
-        self.store.add_event(run, "candidate_accepted", {"candidate": cid, "minibatch": [1.5, 2.0], "val_score": 0.6})
-        took = time.perf_counter() - started
+        git(self.ws.set_ref, f"refs/heads/{child.branch}", commit)
+        db(self.store.add_candidate, run, child, "accepted", val_score=0.6)
+        db(self.store.update_run, run, best_candidate_id=cid, best_score=0.6)
+        db(
+            self.store.add_event,
+            run,
+            "candidate_accepted",
+            {"candidate": cid, "minibatch": [1.5, 2.0], "val_score": 0.6},
+        )
+        if parent.id != "c000":  # untimed: keep the disk footprint small (the engine keeps every export)
+            shutil.rmtree(self.ws.evaluation_dir(parent.commit))
         self.parent = child
-        return took
+        return self.spent
 
     def code_change(self, parent: str, cid: str) -> str:
         """CodeProposer + Engine._code_child around the agent: export, edit one file, commit, ref, re-read."""
-        self.ws.list_files(parent)  # shown to the reflection agent
+        git = self.git
+        git(self.ws.list_files, parent)  # shown to the reflection agent
         worktree = self.ws.work_root / f"agent-{cid}"
-        self.ws.export(parent, worktree)
+        git(self.ws.export, parent, worktree)
         module = worktree / "pkg00" / "mod0000.py"
-        module.write_text(module.read_text() + f"\nCHANGE = {self.n}\n")  # the coding agent's edit
-        commit = self.ws.commit_dir(worktree, parent, f"codeevolver {cid}: change")
-        self.ws.remove(worktree)
+        module.write_text(module.read_text() + f"\nCHANGE = {self.n}\n")  # the coding agent's edit (untimed)
+        commit = git(self.ws.commit_dir, worktree, parent, f"codeevolver {cid}: change")
+        git(self.ws.remove, worktree)
         assert commit is not None
-        self.store.add_transcript(self.run_id, cid, "agent", [{"role": "assistant", "content": "edited"}])
-        self.ws.set_ref(f"refs/codeevolver/{self.run_id}/{cid}", commit)
-        self.ws.read_file(commit, PROMPT)
+        self.db(self.store.add_transcript, self.run_id, cid, "agent", [{"role": "assistant", "content": "edited"}])
+        git(self.ws.set_ref, f"refs/codeevolver/{self.run_id}/{cid}", commit)
+        git(self.ws.read_file, commit, PROMPT)
         return commit
 
 
-def median_ms(run: Callable[[], float]) -> float:
-    run()  # warm-up
-    return 1000 * statistics.median(run() for _ in range(ITERATIONS))
+def measure(base: Path) -> dict[str, tuple[float, float, float]]:
+    """Median (total, git, store) milliseconds per proposal kind, with the repo and state under ``base``."""
+    repo, state = base / "repo", base / "state"
+    repo.mkdir()
+    state.mkdir()
+    replay = Replay(repo, state, make_repo(repo))
+    medians = {}
+    for kind in ("prompt", "code"):
+        replay.proposal(kind)  # warm-up
+        runs = [replay.proposal(kind) for _ in range(ITERATIONS)]
+        medians[kind] = tuple(
+            1000 * statistics.median(part(r) for r in runs)
+            for part in (lambda r: r["git"] + r["store"], lambda r: r["git"], lambda r: r["store"])
+        )
+    replay.store.close()
+    return medians
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="ce-bench-") as tmp:
-        repo, state = Path(tmp) / "repo", Path(tmp) / "state"
-        repo.mkdir()
-        state.mkdir()
-        replay = Replay(repo, state, make_repo(repo))
-        print(f"{FILES}-file repo, {ITERATIONS} accepted proposals each, minibatch {MINIBATCH}, valset {VALSET}")
-        print(f"{'proposal':>8} {'median ms':>9} {'/ target':>8}  target < {TARGET_MS:g} ms")
-        for kind in ("prompt", "code"):
-            ms = median_ms(lambda kind=kind: replay.proposal(kind))
-            verdict = "met" if ms < TARGET_MS else "NOT met"
-            print(f"{kind:>8} {ms:>9.1f} {ms / TARGET_MS:>8.2f}  {verdict}")
-        replay.store.close()
+    places = {"disk": None, "tmpfs": "/dev/shm"} if Path("/dev/shm").is_dir() else {"disk": None}
+    print(f"{FILES}-file repo, {ITERATIONS} accepted proposals of each kind, minibatch {MINIBATCH}, valset {VALSET}")
+    print(machine())
+    print(f"{'where':>5} {'proposal':>8} {'median ms':>9} {'git ms':>7} {'store ms':>8} {'/ target':>8}  target")
+    for where, parent in places.items():
+        with tempfile.TemporaryDirectory(prefix="ce-bench-", dir=parent) as tmp:
+            for kind, (total, git, store) in measure(Path(tmp)).items():
+                verdict = f"< {TARGET_MS:g} ms: {'met' if total < TARGET_MS else 'NOT met'}"
+                print(
+                    f"{where:>5} {kind:>8} {total:>9.1f} {git:>7.1f} {store:>8.1f} {total / TARGET_MS:>8.2f}  {verdict}"
+                )
+    print("disk: the temp dir's file system, where a run's state would live; tmpfs: the same in memory")
 
 
 if __name__ == "__main__":

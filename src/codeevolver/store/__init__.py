@@ -2,6 +2,7 @@
 
 from codeevolver.store.db import state_dir
 from codeevolver.store.rows import (
+    AuditRow,
     CandidateRow,
     EvaluationRow,
     EventRow,
@@ -12,6 +13,7 @@ from codeevolver.store.rows import (
 from codeevolver.store.store import Store, new_run_id
 
 __all__ = [
+    "AuditRow",
     "CandidateRow",
     "EvaluationRow",
     "EventRow",

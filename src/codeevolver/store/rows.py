@@ -18,6 +18,7 @@ TERMINAL_RUN_STATUSES = frozenset({"finished", "stopped", "failed", "cancelled"}
 CANDIDATE_STATUSES = frozenset({"accepted", "rejected", "failed", "seed"})
 SPLITS = frozenset({"train", "val"})
 PURPOSES = frozenset({"task", "reflection", "agent"})
+AUDIT_DECISIONS = frozenset({"allowed", "blocked"})
 
 
 @dataclass(frozen=True)
@@ -123,3 +124,28 @@ class UsageTotals:
     cost_usd: Decimal = Decimal(0)
     calls: int = 0
     by_purpose: dict[str, UsageTotals] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One request a sandbox sent through the egress gateway, allowed or blocked.
+
+    The gateway builds these (``id`` None) and the store hands them back with
+    their ``id``. ``method``/``path``/``status`` are None where the gateway could
+    not see them (inside a TLS tunnel it does not intercept).
+    """
+
+    time: datetime
+    run_id: str
+    sandbox_id: str
+    host: str
+    port: int | None
+    decision: str
+    reason: str = ""
+    candidate_id: str | None = None
+    method: str | None = None
+    path: str | None = None
+    status: int | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    id: int | None = None

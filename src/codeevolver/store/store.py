@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,11 +24,13 @@ from sqlalchemy.orm import Session
 from codeevolver.errors import RunNotFound, StoreError
 from codeevolver.store import db
 from codeevolver.store.rows import (
+    AUDIT_DECISIONS,
     CANDIDATE_STATUSES,
     PURPOSES,
     RUN_STATUSES,
     SPLITS,
     TERMINAL_RUN_STATUSES,
+    AuditRow,
     CandidateRow,
     EvaluationRow,
     EventRow,
@@ -37,6 +39,7 @@ from codeevolver.store.rows import (
     UsageTotals,
 )
 from codeevolver.store.tables import (
+    AuditTable,
     Base,
     CandidateTable,
     EvaluationTable,
@@ -79,7 +82,7 @@ def _check_fields(fields: dict[str, Any], allowed: frozenset[str]) -> None:
 
 
 class Store:
-    """Runs, candidates, evaluations, events, usage and transcripts in SQLite or PostgreSQL."""
+    """Runs, candidates, evaluations, events, usage, transcripts and the egress audit log, in SQLite or PostgreSQL."""
 
     def __init__(self, url: str | URL) -> None:
         """Open (creating if needed) the DB at ``url`` and migrate it to the current schema."""
@@ -397,6 +400,46 @@ class Store:
                 by_purpose[purpose] = UsageTotals(ints[0], ints[1], ints[2], db.from_micro(ints[3]), ints[4])
         return UsageTotals(sums[0], sums[1], sums[2], db.from_micro(sums[3]), sums[4], by_purpose)
 
+    # -- egress audit ----------------------------------------------------------------------
+
+    def add_audit(self, rows: AuditRow | Iterable[AuditRow]) -> int:
+        """Append gateway audit rows in one transaction (the gateway batches); returns how many."""
+        batch = [rows] if isinstance(rows, AuditRow) else list(rows)
+        for row in batch:
+            _check("decision", row.decision, AUDIT_DECISIONS)
+        if not batch:
+            return 0
+        values = [
+            {
+                "run_id": r.run_id, "candidate_id": r.candidate_id, "sandbox_id": r.sandbox_id, "time": r.time,
+                "host": r.host, "port": r.port, "method": r.method, "path": r.path, "status": r.status,
+                "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "decision": r.decision, "reason": r.reason,
+            }
+            for r in batch
+        ]  # fmt: skip
+        runs = {r.run_id for r in batch}
+        with self._session(write=True, run_id=next(iter(runs)) if len(runs) == 1 else None) as s:
+            s.execute(insert(AuditTable), values)
+        return len(batch)
+
+    def audit(
+        self,
+        run_id: str,
+        *,
+        sandbox_id: str | None = None,
+        decision: str | None = None,
+        after_id: int = 0,
+        limit: int | None = None,
+    ) -> list[AuditRow]:
+        """A run's egress audit log in the order the gateway wrote it."""
+        query = select(AuditTable).where(AuditTable.run_id == run_id, AuditTable.id > after_id)
+        if sandbox_id is not None:
+            query = query.where(AuditTable.sandbox_id == sandbox_id)
+        if decision is not None:
+            query = query.where(AuditTable.decision == decision)
+        with self._session() as s:
+            return [_audit_row(r) for r in s.scalars(query.order_by(AuditTable.id).limit(limit))]
+
     # -- transcripts -----------------------------------------------------------------------
 
     def add_transcript(self, run_id: str, candidate_id: str, kind: str, content: Any) -> int:
@@ -444,4 +487,12 @@ def _evaluation_row(r: EvaluationTable) -> EvaluationRow:
         id=r.id, run_id=r.run_id, candidate_id=r.candidate_id, split=r.split,
         example_index=r.example_index, score=r.score, feedback=r.feedback, output=r.output,
         error=r.error, batch_id=r.batch_id, created_at=r.created_at,
+    )  # fmt: skip
+
+
+def _audit_row(r: AuditTable) -> AuditRow:
+    return AuditRow(
+        id=r.id, time=r.time, run_id=r.run_id, candidate_id=r.candidate_id, sandbox_id=r.sandbox_id,
+        host=r.host, port=r.port, method=r.method, path=r.path, status=r.status, bytes_up=r.bytes_up,
+        bytes_down=r.bytes_down, decision=r.decision, reason=r.reason,
     )  # fmt: skip

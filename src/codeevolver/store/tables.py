@@ -186,3 +186,25 @@ class TranscriptTable(Base):
     kind: Mapped[str] = mapped_column(String(64), nullable=False)
     content: Mapped[Any] = mapped_column(JSONText, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class AuditTable(Base):
+    """The egress gateway's log: one row per request a sandbox made, allowed or blocked."""
+
+    __tablename__ = "audit"
+    __table_args__ = (Index("ix_audit_run_id", "run_id", "id"),)
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(64), _run_fk(), nullable=False)
+    candidate_id: Mapped[str | None] = mapped_column(String(64))
+    sandbox_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    time: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    host: Mapped[str] = mapped_column(Text, nullable=False)
+    port: Mapped[int | None] = mapped_column(Integer)
+    method: Mapped[str | None] = mapped_column(String(32))
+    path: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[int | None] = mapped_column(Integer)
+    bytes_up: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0, server_default="0")
+    bytes_down: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0, server_default="0")
+    decision: Mapped[str] = mapped_column(String(8), nullable=False)
+    reason: Mapped[str] = mapped_column(Text, nullable=False, default="", server_default="")
