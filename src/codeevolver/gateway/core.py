@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+from codeevolver.errors import ConfigError
 from codeevolver.gateway.audit import AuditWriter
 from codeevolver.gateway.policy import Allowlist, Resolver, address_refusal
 from codeevolver.gateway.tls import SessionCA, upstream_context
@@ -31,6 +33,13 @@ class LLMUpstream:
     for ``provider="anthropic"``. It may be a private or loopback address: the operator
     trusts it, the sandbox cannot name it. ``ca_file`` adds a CA for a private endpoint.
     Without ``prices`` the cost comes from litellm's table (zero for unknown models).
+
+    ``provider`` is the protocol the sandbox speaks (and where the route is mounted);
+    ``upstream_protocol`` the one ``base_url`` speaks, the same unless set. The one
+    translation served is ``provider="anthropic", upstream_protocol="openai"``: a client
+    of Anthropic Messages (the Claude Code CLI) in front of an OpenAI chat-completions
+    endpoint (``base_url`` then ends in ``/v1``). ``model``, on such a route, replaces the
+    model the client names (``claude-sonnet-4-5``) with the one the endpoint serves.
     """
 
     base_url: str
@@ -38,6 +47,25 @@ class LLMUpstream:
     provider: Provider = "openai"
     prices: Prices | None = None
     ca_file: str | None = None
+    upstream_protocol: Provider | None = None
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.upstream_protocol not in (None, self.provider) and not self.translates:
+            raise ConfigError(
+                f"no translation from {self.provider} clients to an {self.upstream_protocol} upstream",
+                'the one served is provider="anthropic", upstream_protocol="openai"',
+            )
+
+    @property
+    def upstream_speaks(self) -> Provider:
+        """The protocol of ``base_url``: what the key header, usage and error bodies follow."""
+        return self.upstream_protocol or self.provider
+
+    @property
+    def translates(self) -> bool:
+        """Anthropic Messages in front, OpenAI chat completions behind (gateway/translate.py)."""
+        return self.provider == "anthropic" and self.upstream_protocol == "openai"
 
 
 @dataclass
@@ -53,13 +81,18 @@ class Core:
     connect_timeout_s: float = 15.0
     idle_timeout_s: float = 300.0
     handshake_timeout_s: float = 30.0
+    max_connections: int = 256
+    """Open connections per session: a sandbox cannot exhaust the host's file descriptors."""
     _llm_ssl: dict[str, ssl.SSLContext] = field(default_factory=dict)
 
     def refusal(self, address: str, port: int) -> str | None:
         """Why the proxy may not dial ``address:port`` (None when it may)."""
         if (address, port) in self.trusted_targets:
             return None
-        return address_refusal(address)
+        try:
+            return address_refusal(address.split("%", 1)[0])
+        except ValueError:
+            return f"unparseable address {address!r}"
 
     def llm_ssl(self, upstream: LLMUpstream) -> ssl.SSLContext:
         if upstream.ca_file is None:
@@ -86,8 +119,10 @@ class SessionState:
     directory: Path
     socket_path: Path
     ca: SessionCA | None = None
-    server: asyncio.AbstractServer | None = None
+    listener: socket.socket | None = None
+    accepting: asyncio.Task[None] | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    closed: bool = False
     pending: set[asyncio.Task[None]] = field(default_factory=set)
     """Usage records still being priced and written (awaited before a budget check and at close)."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ from codeevolver.gateway.http1 import (
 )
 
 MAX_LLM_BODY = 64 * 1024 * 1024
+BROKEN = (ConnectionError, OSError, asyncio.IncompleteReadError, ssl.SSLError)
+"""A peer went away or sent garbage mid-exchange: the connection ends, the request is still audited."""
 
 
 class UpstreamGone(Exception):
@@ -110,6 +113,14 @@ async def read_request_body(reader: Reader, writer: Writer, head: RequestHead, l
     return bytes(body)
 
 
+async def _upstream_head(reader: Reader) -> bytes | None:
+    """A response head; a malformed or cut one is the upstream's fault (502), not the client's (400)."""
+    try:
+        return await read_head(reader)
+    except HttpError as exc:
+        raise HttpError(502, f"the upstream sent a bad response head: {exc.message}") from None
+
+
 async def continue_if_expected(writer: Writer, head: RequestHead) -> None:
     if (head.headers.get("expect") or "").lower() == "100-continue":
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -155,7 +166,7 @@ async def exchange(
         bytes_up += sink.wire_bytes
     try:
         await up_writer.drain()
-        raw = await read_head(upstream.reader)
+        raw = await _upstream_head(upstream.reader)
     except (ConnectionError, OSError) as exc:
         raise UpstreamGone(str(exc)) from exc
     if raw is None:
@@ -168,9 +179,9 @@ async def exchange(
         informational = raw if redactor is None else redactor.mask(raw)
         client_writer.write(informational)
         bytes_down += len(informational)
-        raw = await read_head(upstream.reader)
+        raw = await _upstream_head(upstream.reader)
         if raw is None:
-            raise ConnectionError("the upstream closed after an informational response")
+            raise HttpError(502, "the upstream closed after an informational response")
         resp = parse_response(raw)
 
     framing = response_framing(resp, client_head.method)

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 from urllib.parse import urlsplit
 
 from codeevolver.gateway import llm
 from codeevolver.gateway.core import Core, SessionState, utcnow
-from codeevolver.gateway.forward import Redactor, Upstream, UpstreamGone, exchange
+from codeevolver.gateway.forward import BROKEN, Redactor, Upstream, UpstreamGone, exchange
 from codeevolver.gateway.http1 import (
     HttpError,
     Reader,
@@ -36,6 +38,22 @@ from codeevolver.gateway.policy import is_ip_literal, normalize_host
 from codeevolver.gateway.tls import NotTLS, TLSServerStream, read_client_hello
 
 LOCAL_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+log = logging.getLogger("codeevolver.gateway")
+
+
+@dataclass
+class InFlight:
+    """The request being served, so that it is audited even if the connection dies under it."""
+
+    started: datetime
+    host: str
+    port: int | None
+    method: str | None
+    path: str | None
+    reason: str = ""
+    forwarded: bool = False
+    bytes_up: int = 0
+    bytes_down: int = 0
 
 
 class Blocked(Exception):
@@ -70,6 +88,7 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.upstream: Upstream | None = None
+        self.inflight: InFlight | None = None
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -82,7 +101,23 @@ class Connection:
         reason: str,
         **fields: object,
     ) -> None:
+        self.inflight = None
         self.core.audit.put(self.session.audit_row(started, host, port, decision, reason, **fields))  # type: ignore[arg-type]
+
+    def forwarding(self, started: datetime, host: str, port: int | None, reason: str, **where: str | None) -> InFlight:
+        """Mark the request as allowed and on its way; ``abandon`` audits it if it never finishes."""
+        self.inflight = InFlight(started, host, port, where.get("method"), where.get("path"), reason, forwarded=True)
+        return self.inflight
+
+    def abandon(self, why: str) -> None:
+        """Audit the request in flight, if any, that the connection's end interrupted."""
+        f = self.inflight
+        if f is not None:
+            reason = f"{f.reason}; interrupted: {why}" if f.reason else f"interrupted: {why}"
+            self.audit(
+                f.started, f.host, f.port, "allowed" if f.forwarded else "blocked", reason, method=f.method,
+                path=f.path, bytes_up=f.bytes_up, bytes_down=f.bytes_down,
+            )  # fmt: skip
 
     async def reply(self, status: int, message: str, writer: Writer | None = None, *, kind: str = "egress") -> None:
         """A JSON error that names the reason, then the connection closes."""
@@ -150,10 +185,17 @@ class Connection:
                     self.audit(started, "", None, "blocked", exc.message, status=exc.status)
                     await self.reply(exc.status, exc.message)
                     break
+                self.inflight = InFlight(started, "", None, head.method, head.target[:2048])
                 if not await self.dispatch(head, started):
                     break
-        except (ConnectionError, OSError, asyncio.IncompleteReadError, ssl.SSLError):
-            pass
+        except asyncio.CancelledError:
+            self.abandon("the sandbox's gateway session was closed")
+            raise
+        except BROKEN as exc:
+            self.abandon(f"connection broke ({type(exc).__name__})")
+        except Exception as exc:
+            log.exception("egress gateway failed on a request of sandbox %s", self.session.sandbox_id)
+            self.abandon(f"gateway error {type(exc).__name__}")
         finally:
             self.drop_upstream()
             with contextlib.suppress(Exception):
@@ -170,10 +212,11 @@ class Connection:
             try:
                 url = urlsplit(head.target)
                 host, port = url.hostname or "", url.port or 80
+                path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+                userinfo = url.username is not None
             except ValueError:
-                host, port = "", 0
-            path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-            if not host or url.username is not None or not 0 < port < 65536:
+                host, port, path, userinfo = "", 0, "", False
+            if not host or userinfo or not 0 < port < 65536:
                 self.audit(started, host, port or None, "blocked", "malformed URL", method=head.method, status=400)
                 await self.reply(400, f"malformed URL {head.target[:200]!r}")
                 return False
@@ -215,6 +258,7 @@ class Connection:
         out = RequestHead(head.method, path, "HTTP/1.1", head.headers.without_hop_by_hop())
         out.headers.set("Host", host if port == 80 else f"{host}:{port}")
         key = ("http", host, port)
+        self.forwarding(started, host, port, "allowlisted", **where)
         if self.upstream is not None and (self.upstream.key != key or not self.upstream.usable()):
             self.drop_upstream()
         try:
@@ -237,10 +281,6 @@ class Connection:
             status, reason = _status_reason(exc)
             self.audit(started, host, port, "blocked", reason, status=status, **where)
             await self.reply(status, reason)
-            return False
-        except (ConnectionError, OSError):
-            self.drop_upstream()
-            self.audit(started, host, port, "allowed", "allowlisted; connection broke mid-exchange", **where)
             return False
         assert self.upstream is not None
         self.upstream.used = True
@@ -280,13 +320,15 @@ class Connection:
                 self.audit(started, host, port, "blocked", reason, method="CONNECT", status=200)
                 return
             if self.session.ca is not None and host in self.session.secrets:
-                await self.intercept(host, port, hello, up_reader, up_writer)
+                await self.intercept(host, port, hello, up_reader, up_writer, started)
                 return
+            flight = self.forwarding(started, host, port, "allowlisted; TLS tunnel", method="CONNECT")
             up_writer.write(hello)
-            up, down = await splice(self.reader, self.writer, up_reader, up_writer)
+            flight.bytes_up = len(hello)
+            await splice(self.reader, self.writer, up_reader, up_writer, flight)
             self.audit(
                 started, host, port, "allowed", "allowlisted; TLS tunnel", method="CONNECT", status=200,
-                bytes_up=up + len(hello), bytes_down=down,
+                bytes_up=flight.bytes_up, bytes_down=flight.bytes_down,
             )  # fmt: skip
         finally:
             with contextlib.suppress(Exception):
@@ -301,6 +343,7 @@ class Connection:
         hello: bytes,
         up_reader: asyncio.StreamReader,
         up_writer: asyncio.StreamWriter,
+        started: datetime,
     ) -> None:
         assert self.session.ca is not None
         secrets = dict(self.session.secrets[host])
@@ -316,7 +359,7 @@ class Connection:
             await asyncio.wait_for(tls.handshake(), self.core.handshake_timeout_s)
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
             reason = f"the sandbox's TLS handshake for {host} failed: {exc}"
-            self.audit(utcnow(), host, port, "blocked", reason, method="CONNECT")
+            self.audit(started, host, port, "blocked", reason, method="CONNECT", status=200)
             return
         upstream: Upstream | None = None
         if upstream_error is None:
@@ -330,9 +373,8 @@ class Connection:
                     return
                 if raw is None:
                     return
-                started = utcnow()
                 keep, upstream = await self._intercepted_request(
-                    tls, raw, host, port, secrets, redactor_secrets, upstream, upstream_error, started
+                    tls, raw, host, port, secrets, redactor_secrets, upstream, upstream_error, utcnow()
                 )
                 if not keep:
                     if upstream is not None:
@@ -382,6 +424,7 @@ class Connection:
         for name, value in secrets.items():
             out.headers.set(name, value)
         reason = f"secret host; injected {', '.join(sorted(secrets))}"
+        self.forwarding(started, host, port, reason, method=head.method, path=path)
         try:
             outcome = None
             for attempt in (0, 1):
@@ -455,19 +498,18 @@ def _secret_values(headers: dict[str, str]) -> list[bytes]:
     return values
 
 
-async def _copy(reader: Reader, writer: asyncio.StreamWriter | Writer) -> tuple[int, bool]:
-    """Copy until EOF (then half-close) or an error; returns (bytes, ended cleanly)."""
-    total = 0
+async def _copy(reader: Reader, writer: asyncio.StreamWriter, flight: InFlight, field: str) -> bool:
+    """Copy until EOF (then half-close) or an error, counting into ``flight``; True if it ended cleanly."""
     try:
         while data := await reader.read(65536):
             writer.write(data)
-            total += len(data)
+            setattr(flight, field, getattr(flight, field) + len(data))
             await writer.drain()
-        if isinstance(writer, asyncio.StreamWriter) and writer.can_write_eof():
+        if writer.can_write_eof():
             writer.write_eof()
-        return total, True
+        return True
     except (ConnectionError, OSError):
-        return total, False
+        return False
 
 
 async def splice(
@@ -475,17 +517,17 @@ async def splice(
     client_writer: asyncio.StreamWriter,
     up_reader: asyncio.StreamReader,
     up_writer: asyncio.StreamWriter,
-) -> tuple[int, int]:
+    flight: InFlight,
+) -> None:
     """Relay both ways until both sides are done; a broken side tears down the other."""
-    up = asyncio.create_task(_copy(client_reader, up_writer))
-    down = asyncio.create_task(_copy(up_reader, client_writer))
+    up = asyncio.create_task(_copy(client_reader, up_writer, flight, "bytes_up"))
+    down = asyncio.create_task(_copy(up_reader, client_writer, flight, "bytes_down"))
     try:
         done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
-        if not all(task.result()[1] for task in done):
+        if not all(task.result() for task in done):
             for w in (client_writer, up_writer):
                 w.close()
         await asyncio.wait({up, down})
     finally:
         for task in (up, down):
             task.cancel()
-    return (up.result()[0] if not up.cancelled() else 0), (down.result()[0] if not down.cancelled() else 0)

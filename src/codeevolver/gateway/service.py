@@ -14,6 +14,7 @@ import os
 import re
 import secrets as random
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Coroutine, Mapping, Sequence
@@ -23,8 +24,8 @@ from typing import Any, TypeVar
 
 from codeevolver.errors import ConfigError, SandboxError
 from codeevolver.gateway.audit import AuditSink, AuditWriter
-from codeevolver.gateway.core import BudgetCheck, Core, Ledger, LLMUpstream, SessionState
-from codeevolver.gateway.llm import mount
+from codeevolver.gateway.core import BudgetCheck, Core, Ledger, LLMUpstream, SessionState, utcnow
+from codeevolver.gateway.llm import error_response, mount
 from codeevolver.gateway.policy import Allowlist, Resolver, SystemResolver, normalize_host
 from codeevolver.gateway.proxy import Connection
 from codeevolver.gateway.tls import SessionCA, system_ca_pem, upstream_context
@@ -35,6 +36,7 @@ from codeevolver.types import Purpose
 log = logging.getLogger("codeevolver.gateway")
 T = TypeVar("T")
 DEFAULT_PROXY_PORT = 3128
+_MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 CA_ENV_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "PIP_CERT", "CURL_CA_BUNDLE")
 
 
@@ -87,6 +89,7 @@ class EgressGateway:
         trusted_targets: Sequence[tuple[str, int]] = (),
         state_dir: str | os.PathLike[str] | None = None,
         idle_timeout_s: float = 300.0,
+        max_connections_per_session: int = 256,
     ) -> None:
         self.proxy_port = proxy_port
         self._settings: dict[str, Any] = {
@@ -96,6 +99,7 @@ class EgressGateway:
             "upstream_ca_file": upstream_ca_file,
             "trusted_targets": frozenset((str(a), int(p)) for a, p in trusted_targets),
             "idle_timeout_s": idle_timeout_s,
+            "max_connections": max_connections_per_session,
         }
         self._audit_sink = audit
         self._state_parent = Path(state_dir) if state_dir is not None else None
@@ -121,6 +125,7 @@ class EgressGateway:
             upstream_ssl=upstream_context(s["upstream_ca_file"]),
             trusted_targets=s["trusted_targets"],
             idle_timeout_s=s["idle_timeout_s"],
+            max_connections=s["max_connections"],
         )
         loop = asyncio.new_event_loop()
         ready = threading.Event()
@@ -157,9 +162,18 @@ class EgressGateway:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def flush_audit(self, timeout: float | None = 30.0) -> bool:
-        """Block until every audit row so far is written; for tests and shutdown."""
-        return self._require_core().audit.flush(timeout)
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Block until every usage record and audit row so far is written; False on timeout."""
+        core = self._require_core()
+        sessions = list(self._sessions.values())
+
+        async def settle() -> None:
+            pending = [task for state in sessions for task in state.pending]
+            if pending:
+                await asyncio.wait(pending)
+
+        self._call(asyncio.wait_for(settle(), timeout))
+        return core.audit.flush(timeout)
 
     @property
     def audit_failures(self) -> int:
@@ -199,7 +213,12 @@ class EgressGateway:
                 raise ConfigError(f"bad LLM route {name!r} ({upstream.provider})", "name routes openai or anthropic")
         assert self.directory is not None
         session_id = random.token_hex(4)
-        directory = self.directory / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', sandbox_id)[:32]}-{session_id}"
+        directory = self.directory / session_id
+        if len(str(directory / "proxy.sock")) > _MAX_SOCKET_PATH:
+            raise ConfigError(
+                f"gateway state directory {self.directory} is too deep for a unix socket path",
+                "pass a shorter state_dir (the default, the system temp dir, works)",
+            )
         directory.mkdir(mode=0o700)
         placeholder = f"sk-codeevolver-sandbox-{random.token_urlsafe(24)}"
         state = SessionState(
@@ -266,34 +285,78 @@ class EgressGateway:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     async def _listen(self, core: Core, state: SessionState) -> None:
-        async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            # An inner task, so that closing the session cancels it and not asyncio's own callback.
-            task = asyncio.create_task(Connection(core, state, reader, writer).serve())
-            state.tasks.add(task)
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                log.exception("egress gateway connection of sandbox %s failed", state.sandbox_id)
-            finally:
-                state.tasks.discard(task)
+        """Accept the session's connections with our own loop.
 
-        state.server = await asyncio.start_unix_server(on_client, path=str(state.socket_path), limit=64 * 1024)
+        Not ``asyncio.start_unix_server``: on Python 3.11 a connection accepted just
+        before ``Server.close()`` is leaked open, so a closed session could keep a
+        sandbox's connection alive. Here closing wakes the loop with a connection of
+        its own, and nothing accepted is ever left unhandled.
+        """
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(state.socket_path))
         # The directory (0700) keeps host users out; the socket itself must accept the
         # sandbox's unprivileged uid once the tier bind-mounts it in.
         os.chmod(state.socket_path, 0o666)
+        listener.listen(128)
+        listener.setblocking(False)
+        state.listener = listener
+        state.accepting = asyncio.create_task(self._accept_loop(core, state, listener))
+
+    async def _accept_loop(self, core: Core, state: SessionState, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                conn, _ = await loop.sock_accept(listener)
+                if state.closed:
+                    conn.close()
+                    return
+                task = asyncio.create_task(self._serve_client(core, state, conn))
+                state.tasks.add(task)
+                task.add_done_callback(state.tasks.discard)
+                # A task cancelled before it started never runs its clean-up: close the socket here too.
+                task.add_done_callback(lambda _, conn=conn: conn.close())
+        finally:
+            listener.close()
+
+    async def _serve_client(self, core: Core, state: SessionState, conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=conn, limit=64 * 1024)
+        except BaseException:
+            conn.close()
+            raise
+        try:
+            if len(state.tasks) > core.max_connections:
+                reason = f"over {core.max_connections} open connections for one sandbox"
+                core.audit.put(state.audit_row(utcnow(), "gateway", state.proxy_port, "blocked", reason, status=503))
+                writer.write(error_response(503, reason))
+                return
+            await Connection(core, state, reader, writer).serve()
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("egress gateway connection of sandbox %s failed", state.sandbox_id)
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _wake(state: SessionState) -> None:
+        """Connect once to our own socket so that the accept loop sees ``closed`` and ends."""
+        if state.accepting is None or state.accepting.done():
+            return
+        with contextlib.suppress(OSError):
+            _, writer = await asyncio.open_unix_connection(str(state.socket_path))
+            writer.close()
 
     async def _close(self, state: SessionState) -> None:
-        if state.server is not None:
-            state.server.close()
+        state.closed = True
+        if state.accepting is not None:
+            await self._wake(state)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(state.accepting, 5)
         for task in list(state.tasks):
             task.cancel()
         if state.tasks:
             await asyncio.wait(list(state.tasks), timeout=5)
         if state.pending:
             await asyncio.wait(list(state.pending))
-        if state.server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(state.server.wait_closed(), 5)
         shutil.rmtree(state.directory, ignore_errors=True)

@@ -57,9 +57,7 @@ def make_test_ca(hosts: Sequence[str], directory: Path) -> tuple[Path, Path, Pat
     ca_path, chain_path, key_path = directory / "ca.pem", directory / "leaf.pem", directory / "leaf.key"
     ca_path.write_bytes(ca.public_bytes(pem))
     chain_path.write_bytes(leaf.public_bytes(pem) + ca.public_bytes(pem))
-    key_path.write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    key_path.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     return ca_path, chain_path, key_path
 
 
