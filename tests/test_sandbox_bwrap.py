@@ -116,7 +116,9 @@ def test_readonly_and_writable_paths(sandbox: BwrapSandbox, work: Path, tmp_path
     rw.mkdir()
     (ro / "data.txt").write_text("visible")
     policy = SandboxPolicy(workdir=work, readonly_paths=(ro,), writable_paths=(rw,))
-    script = f"cat {ro}/data.txt; echo; echo x > {ro}/new 2>/dev/null || echo ro-refused; echo y > {rw}/new && echo rw-ok"
+    script = (
+        f"cat {ro}/data.txt; echo; echo x > {ro}/new 2>/dev/null || echo ro-refused; echo y > {rw}/new && echo rw-ok"
+    )
     result = sh(sandbox, script, policy)
     assert result.stdout.split() == ["visible", "ro-refused", "rw-ok"]
     assert not (ro / "new").exists()
@@ -188,7 +190,10 @@ def test_evaluator_runs_the_real_runner_in_bwrap(work: Path, venv_python: Path) 
 
 
 def test_cpu_quota_slows_a_busy_loop(sandbox: BwrapSandbox, work: Path) -> None:
-    code = "import os, time\nend = time.time() + 1.5\nwhile time.time() < end: pass\nt = os.times()\nprint(t.user + t.system)"
+    code = (
+        "import os, time\nend = time.time() + 1.5\nwhile time.time() < end: pass\n"
+        "t = os.times()\nprint(t.user + t.system)"
+    )
     result = sandbox.run([SYSTEM_PYTHON, "-c", code], SandboxPolicy(workdir=work, cpu_percent=20))
     assert result.returncode == 0, result.stderr
     assert float(result.stdout) < 0.7  # about 0.3 s of CPU in 1.5 s at 20 %
@@ -203,14 +208,20 @@ def test_pids_limit_applies(sandbox: BwrapSandbox, work: Path) -> None:
     assert int(result.stdout) == 9  # the interpreter itself is the tenth
 
 
-def test_no_cgroup_left_behind(sandbox: BwrapSandbox, work: Path) -> None:
-    parents = cgroups.layout().parents.values()
-    before = {p: set(os.listdir(p)) for p in parents}
+def test_no_cgroup_left_behind(sandbox: BwrapSandbox, work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[Path] = []
+    original = cgroups.RunGroup.__init__
+
+    def recording(self: cgroups.RunGroup, found: cgroups.Layout, limits: cgroups.Limits) -> None:
+        original(self, found, limits)
+        made.extend(self.dirs.values())
+
+    monkeypatch.setattr(cgroups.RunGroup, "__init__", recording)
     for _ in range(3):
         sh(sandbox, "sleep 5 & exit 0", SandboxPolicy(workdir=work))
     sh(sandbox, "sleep 5", SandboxPolicy(workdir=work, timeout_s=0.5))
-    after = {p: set(os.listdir(p)) for p in parents}
-    assert {p: after[p] - before[p] for p in parents} == {p: set() for p in parents}
+    assert len(made) == 4 * len(cgroups.layout().parents)
+    assert [path for path in made if path.exists()] == []
 
 
 def test_many_runs_from_threads(sandbox: BwrapSandbox, work: Path) -> None:
@@ -275,7 +286,10 @@ def test_gateway_is_the_only_way_out(sandbox: BwrapSandbox, work: Path, gateway:
 
 
 def test_other_port_and_no_gateway_mean_no_network(sandbox: BwrapSandbox, work: Path, gateway: Path) -> None:
-    probe = "import socket\ntry:\n    socket.create_connection(('127.0.0.1', 3128), 2)\n    print('open')\nexcept OSError:\n    print('closed')"
+    probe = (
+        "import socket\ntry:\n    socket.create_connection(('127.0.0.1', 3128), 2)\n    print('open')\n"
+        "except OSError:\n    print('closed')"
+    )
     with_gateway = SandboxPolicy(workdir=work, gateway_socket=gateway, proxy_port=8080)
     assert sandbox.run([SYSTEM_PYTHON, "-c", probe], with_gateway).stdout.strip() == "closed"
     assert sandbox.run([SYSTEM_PYTHON, "-c", probe], SandboxPolicy(workdir=work)).stdout.strip() == "closed"
@@ -287,7 +301,9 @@ def test_other_port_and_no_gateway_mean_no_network(sandbox: BwrapSandbox, work: 
 def test_mount_order_puts_deeper_and_readonly_paths_on_top(tmp_path: Path) -> None:
     work = tmp_path / "w"
     (work / ".git").mkdir(parents=True)
-    policy = SandboxPolicy(workdir=work, readonly_paths=(work / "lib", tmp_path), writable_paths=(work / "lib" / "out",))
+    policy = SandboxPolicy(
+        workdir=work, readonly_paths=(work / "lib", tmp_path), writable_paths=(work / "lib" / "out",)
+    )
     mounts = _bwrap_argv.user_mounts(policy, "/root")
     assert mounts == [
         ("home", "/root"),
@@ -326,10 +342,10 @@ def test_cgroup_v1_layout_nests_under_our_own_groups() -> None:
     found = cgroups.detect(V1_MOUNTINFO, V1_SELF)
     assert found.version == 1
     assert found.parents == {
-        "cpu": Path("/sys/fs/cgroup/cpu/codeevolver"),
-        "memory": Path("/sys/fs/cgroup/memory/jobs/abc/codeevolver"),
-        "freezer": Path("/sys/fs/cgroup/freezer/codeevolver"),
-        "pids": Path("/sys/fs/cgroup/pids/codeevolver"),
+        "cpu": Path("/sys/fs/cgroup/cpu"),
+        "memory": Path("/sys/fs/cgroup/memory/jobs/abc"),
+        "freezer": Path("/sys/fs/cgroup/freezer"),
+        "pids": Path("/sys/fs/cgroup/pids"),
     }
 
 

@@ -104,8 +104,8 @@ def test_env_is_exactly_the_policy_env_plus_proxy(worktree: Path, tmp_path: Path
         "HTTPS_PROXY": proxy,
         "http_proxy": proxy,
         "https_proxy": proxy,
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
+        "NO_PROXY": "localhost,127.0.0.1,::1",
+        "no_proxy": "localhost,127.0.0.1,::1",
     }
 
 

@@ -291,3 +291,66 @@ def test_concurrent_runs(sandbox: GvisorSandbox, worktree: Path, state_dir: Path
         t.join()
     assert sorted(results) == list(range(6))
     assert runsc_list(state_dir) == []
+
+
+def test_home_outside_the_mounts_is_private(sandbox: GvisorSandbox, worktree: Path) -> None:
+    policy = SandboxPolicy(workdir=worktree, env={"HOME": "/root"})
+    result = sandbox.run(["/usr/bin/sh", "-c", "echo cache > $HOME/.cache-probe && cat $HOME/.cache-probe"], policy)
+    assert (result.returncode, result.stdout) == (0, "cache\n"), result.stderr
+    assert not Path("/root/.cache-probe").exists()
+
+
+def test_real_runner_evaluates_a_program(sandbox: GvisorSandbox, tmp_path: Path) -> None:
+    """The evaluator's own policy (venv + runner read-only, HOME from the host) works unchanged in gVisor."""
+    from codeevolver.evaluator import Evaluator
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "pipeline.py").write_text("def run(inputs, prompts):\n    return {'answer': inputs['q'].upper()}\n")
+    metric = "def score(example, output):\n    return float(output['answer'] == example['a'])\n"
+    (repo / "metrics.py").write_text(metric)
+    evaluator = Evaluator(
+        framework="python",
+        entry="pipeline:run",
+        metric="metrics:score",
+        input_keys=["q"],
+        sandbox=sandbox,
+        python=Path(sys.executable),
+        env={},
+        per_example_timeout_s=30.0,
+    )
+    results = evaluator.evaluate(repo, {}, [(0, {"q": "x", "a": "X"}), (1, {"q": "y", "a": "nope"})])
+    assert [(r.score, r.error) for r in results] == [(1.0, None), (0.0, None)]
+
+
+SYSCALL_PROBE = r"""
+import ctypes, errno, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+def report(name, result):
+    print(name, result, errno.errorcode.get(ctypes.get_errno(), 0))
+report("ptrace", libc.ptrace(0, 0, 0, 0))
+report("unshare", libc.unshare(0x10000000 | 0x40000000))
+report("mount", libc.mount(b"none", b"/tmp", b"tmpfs", 0, None))
+report("keyctl", libc.syscall(250, 0, 0, 0, 0))
+report("bpf", libc.syscall(321, 0, 0, 0))
+report("io_uring_setup", libc.syscall(425, 1, 0))
+report("syslog", libc.syscall(103, 3, 0, 0))
+try:
+    socket.socket(17, socket.SOCK_RAW)
+    print("AF_PACKET 0 0")
+except OSError as exc:
+    print("AF_PACKET -1", errno.errorcode[exc.errno])
+pid = os.fork()
+if pid == 0:
+    os._exit(3)
+print("fork", os.waitpid(pid, 0)[1] >> 8, 0)
+"""
+
+
+def test_seccomp_policy_is_enforced_inside_gvisor(sandbox: GvisorSandbox, worktree: Path) -> None:
+    result = sandbox.run([PY, "-c", SYSCALL_PROBE], SandboxPolicy(workdir=worktree))
+    assert result.returncode == 0, result.stderr
+    outcome = {name: (int(code), err) for name, code, err in (line.split() for line in result.stdout.splitlines())}
+    for name in ("ptrace", "unshare", "mount", "keyctl", "bpf", "io_uring_setup", "syslog", "AF_PACKET"):
+        assert outcome[name] == (-1, "EPERM"), (name, outcome[name])
+    assert outcome["fork"] == (3, "0")  # ordinary process creation still works

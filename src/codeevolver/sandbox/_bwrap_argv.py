@@ -5,7 +5,7 @@ running anything. The view is an empty tmpfs root made read-only at the end,
 holding only: ``/usr`` (and the ``/bin`` ``/lib`` ... links), a handful of
 ``/etc`` files that programs need (the loader cache, CA certificates, and a
 synthetic passwd/group/hosts naming the sandbox user; never the host's
-passwd or shadow), a private ``/proc`` and ``/dev``, size-capped tmpfs
+passwd or shadow), a private read-only ``/proc``, a private ``/dev``, size-capped tmpfs
 ``/tmp`` and ``/dev/shm``, and the policy's paths at their host locations.
 """
 
@@ -143,7 +143,7 @@ def build(
     bwrap: str,
     seccomp_fd: int,
     status_fd: int,
-    block_fd: int | None = None,
+    block_fd: int,
     gateway_inside: str | None = None,
 ) -> list[str]:
     """The full bwrap command line for ``argv`` under ``policy``."""
@@ -167,6 +167,8 @@ def build(
         *system_mounts(),
         "--proc",
         "/proc",
+        "--remount-ro",  # sysctls, sysrq-trigger, irq affinities: root-owned, guarded by uid alone
+        "/proc",
         "--dev",
         "/dev",
         *("--perms", "1777", "--size", tmp_bytes, "--tmpfs", "/tmp"),
@@ -176,13 +178,11 @@ def build(
         if kind == "home":
             args += ["--perms", "0700", "--size", tmp_bytes, "--tmpfs", path]
         else:
-            args += ["--ro-bind-try" if kind == "ro" else "--bind", path, path]
+            args += ["--ro-bind-try" if kind == "ro" else "--bind-try", path, path]
     if gateway_inside is not None and policy.gateway_socket is not None:
         args += ["--bind", _abs(policy.gateway_socket), gateway_inside]
     args += ["--remount-ro", "/", "--chdir", _abs(policy.workdir), "--clearenv"]
     for name, value in env.items():
         args += ["--setenv", name, value]
-    args += ["--seccomp", str(seccomp_fd), "--json-status-fd", str(status_fd)]
-    if block_fd is not None:
-        args += ["--block-fd", str(block_fd)]
+    args += ["--seccomp", str(seccomp_fd), "--json-status-fd", str(status_fd), "--block-fd", str(block_fd)]
     return [*args, "--", *argv]

@@ -1,8 +1,9 @@
-"""The sandbox policy as an OCI runtime bundle (``config.json`` + a rootfs of empty dirs).
+"""The sandbox policy as an OCI runtime bundle (``config.json`` + a rootfs of empty dirs), for ``runsc run``.
 
-Shared by the ``gvisor`` tier (``runsc run``) and, for env and mount rules, the
-``container`` tier. Paths are mounted at their host paths so argv written for the host
-(the venv's python, the runner script) works unchanged inside.
+What the command sees follows the bwrap tier's rules (``_bwrap_argv``: environment,
+which /etc files, which policy paths in which order, a private HOME), so a command
+behaves the same in both tiers. Paths are mounted at their host paths so argv written
+for the host (the venv's python, the runner script) works unchanged inside.
 
 Ownership: the process runs as uid/gid 65534 and the spec adds a user namespace mapping
 65534 to the *host* user that owns the run (and 0, which runsc's gofer needs, to host
@@ -14,15 +15,21 @@ belong to that user on the host, and runsc's own sandbox and gofer processes run
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Sequence
+from errno import EPERM
 from pathlib import Path
 from typing import Any
 
+from codeevolver.errors import SandboxError
+from codeevolver.sandbox import seccomp
+from codeevolver.sandbox._bwrap_argv import ETC_FILES, SYNTHETIC_ETC, TOP_LINKS, sandbox_env, user_mounts
 from codeevolver.sandbox.base import SandboxPolicy
+from codeevolver.sandbox.bridge import INSIDE_SOCKET
 
 SANDBOX_UID = 65534
-GATEWAY_PATH = "/run/codeevolver/gateway.sock"
-"""Where the gateway's unix socket appears inside the sandbox."""
+GATEWAY_PATH = INSIDE_SOCKET
+"""Where the gateway's unix socket appears inside the sandbox (where bwrap's socat fallback puts it too)."""
 BRIDGE_PYTHON = "/usr/bin/python3"
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 DEFAULT_PIDS = 128
@@ -34,80 +41,72 @@ THREADS_PER_PROCESS = 17
 IDLE_THREADS = 50
 """runsc's pids.limit counts host threads of the sandbox: ~43 idle, ~17 per process inside."""
 
-ROOTFS_DIRS = ("usr", "etc/ssl", "proc", "dev", "tmp", "sys", "run/codeevolver")
-ROOTFS_LINKS = {"bin": "usr/bin", "lib": "usr/lib", "lib64": "usr/lib64", "sbin": "usr/sbin"}
+ROOTFS_DIRS = ("usr", "etc", "proc", "dev", "tmp", "sys", "run/codeevolver")
 CAPABILITIES: dict[str, list[str]] = {k: [] for k in ("bounding", "effective", "permitted", "inheritable", "ambient")}
 NAMESPACES = ("pid", "ipc", "uts", "mount", "network", "user")
 
 
-def sandbox_env(policy: SandboxPolicy) -> dict[str, str]:
-    """Exactly ``policy.env``, plus PATH/HOME defaults and the proxy variables when a gateway exists."""
-    env = dict(policy.env)
-    env.setdefault("PATH", DEFAULT_PATH)
-    env.setdefault("HOME", "/tmp")
-    if policy.gateway_socket is not None:
-        proxy = f"http://127.0.0.1:{policy.proxy_port}"
-        for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-            env.setdefault(key, proxy)
-        for key in ("NO_PROXY", "no_proxy"):
-            env.setdefault(key, "127.0.0.1,localhost")
-    return env
-
-
 def make_rootfs(rootfs: Path) -> None:
-    """A read-only root of empty mount points: nothing of the host is visible unless mounted."""
+    """A read-only root of empty mount points and synthetic /etc files (the bwrap tier's, never the host's)."""
     for name in ROOTFS_DIRS:
         (rootfs / name).mkdir(parents=True, exist_ok=True)
-    for name, target in ROOTFS_LINKS.items():
-        os.symlink(target, rootfs / name)
-    etc = rootfs / "etc"
-    (etc / "ld.so.cache").touch()
-    (etc / "resolv.conf").touch()
-    (etc / "hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
-    (etc / "passwd").write_text(f"nobody:x:{SANDBOX_UID}:{SANDBOX_UID}:nobody:/tmp:/usr/sbin/nologin\n")
-    (etc / "group").write_text(f"nogroup:x:{SANDBOX_UID}:\n")
+    for name in TOP_LINKS:  # /bin -> usr/bin and friends, as on the host
+        if os.path.islink(f"/{name}"):
+            os.symlink(os.readlink(f"/{name}"), rootfs / name)
+    for name, text in SYNTHETIC_ETC.items():
+        (rootfs / "etc" / name).write_text(text)
+    if os.path.islink("/etc/localtime"):
+        os.symlink(os.readlink("/etc/localtime"), rootfs / "etc" / "localtime")
     (rootfs / GATEWAY_PATH.lstrip("/")).touch()
 
 
-def _bind(path: Path, writable: bool) -> dict[str, Any]:
+def _bind(path: str, writable: bool) -> dict[str, Any]:
     options = ["rbind", "rw" if writable else "ro", "nosuid", "nodev"]
-    return {"destination": str(path), "type": "bind", "source": os.path.realpath(path), "options": options}
+    return {"destination": path, "type": "bind", "source": os.path.realpath(path), "options": options}
+
+
+def _tmpfs(path: str, size_mb: int, mode: str) -> dict[str, Any]:
+    options = ["nosuid", "nodev", f"size={size_mb}m", f"mode={mode}"]
+    return {"destination": path, "type": "tmpfs", "source": "tmpfs", "options": options}
 
 
 def policy_mounts(policy: SandboxPolicy) -> list[dict[str, Any]]:
-    """User-visible mounts, parents before children so a read-only path inside a writable one wins."""
-    binds: list[tuple[Path, bool]] = [(Path(policy.workdir), True)]
-    binds += [(Path(p), True) for p in policy.writable_paths]
-    binds += [(Path(p), False) for p in policy.readonly_paths]
-    git = Path(policy.workdir) / ".git"
-    if git.exists() or git.is_symlink():
-        binds.append((git, False))
-    seen: dict[str, bool] = {}
-    for path, writable in binds:
-        if path.exists():
-            key = os.path.abspath(path)
-            seen[key] = writable and seen.get(key, True)  # read-only wins when a path is named twice
-    ordered = sorted(seen.items(), key=lambda item: len(Path(item[0]).parts))
-    return [_bind(Path(p), w) for p, w in ordered]
+    """The policy's paths at their host paths (missing read-only ones skipped), and a private HOME.
+
+    Which paths, in which order, and where a private HOME goes are the bwrap tier's rules
+    (``user_mounts``), so both tiers show a command the same files.
+    """
+    try:
+        entries = user_mounts(policy, sandbox_env(policy)["HOME"])
+    except ValueError as exc:
+        raise SandboxError(str(exc), "narrow the policy's paths") from None
+    mounts = []
+    for kind, path in entries:
+        if kind == "home":
+            home = _tmpfs(path, policy.tmp_mb, "0700")
+            home["options"] += [f"uid={SANDBOX_UID}", f"gid={SANDBOX_UID}"]  # the user's own, as bwrap makes it
+            mounts.append(home)
+        elif kind == "rw" or os.path.exists(path):
+            mounts.append(_bind(path, kind == "rw"))
+    return mounts
 
 
 def system_mounts(policy: SandboxPolicy) -> list[dict[str, Any]]:
-    """proc, private /dev and size-capped /tmp, the host's /usr and CA certificates read-only."""
+    """proc, private /dev, size-capped /tmp, an empty /sys, the host's /usr and public /etc files read-only."""
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "noexec", "mode=755"]},
-        {
-            "destination": "/tmp",
-            "type": "tmpfs",
-            "source": "tmpfs",
-            "options": ["nosuid", "nodev", f"size={policy.tmp_mb}m", "mode=1777"],
-        },
+        _tmpfs("/tmp", policy.tmp_mb, "1777"),
+        # gVisor mounts its own sysfs unless told otherwise; the policy says no /sys
         {"destination": "/sys", "type": "tmpfs", "source": "tmpfs", "options": ["ro", "nosuid", "nodev", "noexec"]},
-        {"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro", "nodev"]},
+        {"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro", "nosuid", "nodev"]},
     ]
-    for extra in ("/etc/ssl", "/etc/ld.so.cache"):
-        if os.path.exists(extra):
-            mounts.append({"destination": extra, "type": "bind", "source": extra, "options": ["rbind", "ro", "nodev"]})
+    for name in TOP_LINKS:  # a host without merged /usr has them as directories
+        if os.path.isdir(f"/{name}") and not os.path.islink(f"/{name}"):
+            mounts.append(_bind(f"/{name}", False))
+    for name in ETC_FILES:
+        if os.path.exists(f"/etc/{name}"):
+            mounts.append(_bind(f"/etc/{name}", False))
     if policy.gateway_socket is not None:
         mounts.append(
             {"destination": GATEWAY_PATH, "type": "bind", "source": str(policy.gateway_socket), "options": ["bind"]}
@@ -125,6 +124,32 @@ def resources(policy: SandboxPolicy) -> dict[str, Any]:
     if policy.cpu_percent:
         limits["cpu"] = {"quota": policy.cpu_percent * 1000, "period": 100_000}
     return limits
+
+
+def seccomp_profile() -> dict[str, Any]:
+    """The bwrap tier's seccomp rules (``seccomp.spec``) as OCI ``linux.seccomp``, which runsc enforces
+    in its own kernel with ``--oci-seccomp``: gVisor would otherwise let a command ptrace its
+    children, unshare namespaces or open AF_PACKET sockets (harmless there, but not our policy)."""
+    rules = seccomp.spec()
+
+    def deny(name: str, **arg: int | str) -> dict[str, Any]:
+        rule: dict[str, Any] = {"names": [name], "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM}
+        if arg:
+            rule["args"] = [arg]
+        return rule
+
+    # No rule for rules["enosys"] (clone3): gVisor answers ENOSYS by itself, and this runsc ignores
+    # errnoRet, so such a rule would say EPERM and stop glibc falling back to clone (no threads).
+    syscalls = [{"names": rules["denied"], "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM}]
+    syscalls += [deny("clone", index=0, value=f, valueTwo=f, op="SCMP_CMP_MASKED_EQ") for f in rules["clone_flags"]]
+    for family in rules["families"]:
+        syscalls += [deny(name, index=0, value=family, op="SCMP_CMP_EQ") for name in ("socket", "socketpair")]
+    syscalls += [
+        deny("ioctl", index=1, value=0xFFFFFFFF, valueTwo=request, op="SCMP_CMP_MASKED_EQ")
+        for request in rules["ioctls"]
+    ]
+    arch = {"x86_64": "SCMP_ARCH_X86_64", "aarch64": "SCMP_ARCH_AARCH64"}.get(platform.machine(), "SCMP_ARCH_NATIVE")
+    return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": [arch], "syscalls": syscalls}
 
 
 def id_mappings(host_id: int) -> list[dict[str, int]]:
@@ -158,7 +183,6 @@ def build_spec(policy: SandboxPolicy, args: Sequence[str]) -> dict[str, Any]:
             "cwd": os.path.abspath(policy.workdir),
             "noNewPrivileges": True,
             "capabilities": CAPABILITIES,
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 4096}],
         },
         "mounts": system_mounts(policy) + policy_mounts(policy),
         "linux": {
@@ -166,5 +190,6 @@ def build_spec(policy: SandboxPolicy, args: Sequence[str]) -> dict[str, Any]:
             "uidMappings": id_mappings(os.getuid()),
             "gidMappings": id_mappings(os.getgid()),
             "resources": resources(policy),
+            "seccomp": seccomp_profile(),
         },
     }

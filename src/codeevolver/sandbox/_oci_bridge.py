@@ -1,44 +1,50 @@
 """In-sandbox init for OCI tiers: bridge 127.0.0.1:PORT to the gateway's unix socket, then run the command.
 
-Run inside the sandbox as ``python3 -I -S -c SOURCE PORT SOCKET ARGV...`` (stdlib only, no
-file to ship). It binds and listens *before* forking the command, so the proxy port is ready
-the moment the command starts (no readiness poll). It stays the sandbox's PID 1 and exits
-with the command's status; the runtime then kills every other process, daemons included.
+Run inside the sandbox as ``python3 -I -S -c SOURCE PORT SOCKET ARGV...`` (no file to ship).
+It binds and listens *before* forking the command, so the proxy port is ready the moment
+the command starts (no readiness poll). It stays the sandbox's PID 1 and exits with the
+command's status; the runtime then kills every other process, daemons included.
+
+Only builtin C modules (``_socket``, ``_thread``): under gVisor every file an import opens
+is a round trip to the gofer, and ``import socket, threading`` cost more than the rest
+of this script.
 """
 
 from __future__ import annotations
 
+import _socket
+import _thread
 import os
-import socket
 import sys
-import threading
 
 CHUNK = 65536
+SHUT_WR = 1
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
+def _pump(src: _socket.socket, dst: _socket.socket) -> None:
     """Copy one direction until EOF, then half-close so the peer sees it; on error drop both."""
     try:
         while data := src.recv(CHUNK):
             dst.sendall(data)
-        dst.shutdown(socket.SHUT_WR)
+        dst.shutdown(SHUT_WR)
     except OSError:
         src.close()
         dst.close()
 
 
-def _serve(listener: socket.socket, path: str) -> None:
+def _serve(listener: _socket.socket, path: str) -> None:
     while True:
-        client, _ = listener.accept()
-        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        fd, _ = listener._accept()  # type: ignore[attr-defined]  # the C socket: (fd, address)
+        client = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM, 0, fd)
+        upstream = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             upstream.connect(path)
         except OSError:
             client.close()
             upstream.close()
             continue
-        threading.Thread(target=_pump, args=(client, upstream), daemon=True).start()
-        threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
+        _thread.start_new_thread(_pump, (client, upstream))
+        _thread.start_new_thread(_pump, (upstream, client))
 
 
 def _status(wait_status: int) -> int:
@@ -49,8 +55,8 @@ def _status(wait_status: int) -> int:
 
 def main(args: list[str]) -> int:
     port, path, argv = int(args[0]), args[1], args[2:]
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    listener.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", port))
     listener.listen(128)
     pid = os.fork()
@@ -61,7 +67,7 @@ def main(args: list[str]) -> int:
         except OSError as exc:
             os.write(2, f"{argv[0]}: {exc.strerror}\n".encode())
             os._exit(127)
-    threading.Thread(target=_serve, args=(listener, path), daemon=True).start()
+    _thread.start_new_thread(_serve, (listener, path))
     while True:
         try:
             done, wait_status = os.waitpid(pid, 0)

@@ -3,21 +3,35 @@
 One run, in order:
 
 1. a cgroup is made with the memory, pids and CPU limits (``cgroups.py``);
-2. ``/bin/sh`` writes its own pid into that cgroup and ``exec``-s bwrap, so
-   bwrap and everything it starts are inside before any user code runs;
-3. bwrap unshares every namespace (user, mount, pid, net, ipc, uts, cgroup),
-   maps the caller to uid/gid 65534 with no capabilities and no way to make
-   new user namespaces, builds the filesystem view (``_bwrap_argv.py``),
-   loads the seccomp filter (``seccomp.py``) and execs the command;
-4. with a gateway, the host opens ``127.0.0.1:<port>`` inside the sandbox's
-   network namespace while bwrap waits on ``--block-fd``, and relays it to the
-   gateway's unix socket (``bridge.py``); otherwise there is no network at all;
+2. bwrap starts, unshares every namespace (user, mount, pid, net, ipc, uts,
+   cgroup), builds the filesystem view (``_bwrap_argv.py``) and waits on
+   ``--block-fd``;
+3. meanwhile bwrap and its pid 1 are moved into the cgroup, and with a
+   gateway the host opens ``127.0.0.1:<port>`` in the sandbox's network
+   namespace and relays it to the gateway's unix socket (``bridge.py``);
+   without one there is no network at all;
+4. released, bwrap drops every capability, forbids new user namespaces,
+   loads the seccomp filter (``seccomp.py``) and execs the command as
+   uid/gid 65534; nothing of the command ever runs outside the cgroup;
 5. on exit or timeout the cgroup is frozen, everything in it SIGKILLed and
    the group removed, so daemonized descendants die too.
+
+Run by root, bwrap maps the sandbox's uid 65534 to host uid 0 without any
+capability (the Docker model, plus a user namespace). What the kernel still
+grants to uid 0 by uid alone is closed off: ``/proc`` is mounted read-only
+(a sandbox had rewritten the host's ``kernel.core_pattern`` through it),
+set-id bits cannot be set (``seccomp.py``), keyrings are unreachable, and no
+host path is visible unless the policy binds it. Files the command writes in
+the worktree are owned by the caller, as they would be had it written them.
 
 bwrap reports on ``--json-status-fd`` whether the command was started: if it
 never was, the tier failed (``SandboxError``); anything after that is the
 command's own result.
+
+:meth:`BwrapSandbox.run_attached` is the same run with this process's stdin,
+stdout and stderr handed to the command instead of captured: a program on the
+host (the Claude Agent SDK) can then talk to a process in the sandbox over its
+pipes (``attach.py``). Every guarantee above holds unchanged.
 """
 
 from __future__ import annotations
@@ -27,8 +41,8 @@ import contextlib
 import json
 import os
 import select
-import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -76,6 +90,17 @@ class BwrapSandbox:
     isolated = True
 
     def run(self, argv: Sequence[str], policy: SandboxPolicy, stdin: bytes | None = None) -> CommandResult:
+        return self._run(argv, policy, stdin, attached=False)
+
+    def run_attached(self, argv: Sequence[str], policy: SandboxPolicy) -> CommandResult:
+        """Run with our stdin/stdout/stderr passed straight through; the result's output is empty.
+
+        Meant for a process of its own (``python -m codeevolver.sandbox.attach``): the caller's
+        pipes become the command's. A SIGTERM turned into an exception still removes the cgroup.
+        """
+        return self._run(argv, policy, None, attached=True)
+
+    def _run(self, argv: Sequence[str], policy: SandboxPolicy, stdin: bytes | None, *, attached: bool) -> CommandResult:
         started = time.monotonic()
         if not argv:
             raise SandboxError("no command to run", "pass the program and its arguments")
@@ -86,7 +111,7 @@ class BwrapSandbox:
         with _live_lock:
             _live.add(group)
         try:
-            return _Run(binary, list(argv), policy, stdin, group, started).execute()
+            return _Run(binary, list(argv), policy, stdin, group, started, attached=attached).execute()
         finally:
             group.remove()
             with _live_lock:
@@ -104,8 +129,12 @@ class _Run:
         stdin: bytes | None,
         group: cgroups.RunGroup,
         started: float,
+        *,
+        attached: bool = False,
     ) -> None:
         self.binary, self.argv, self.policy, self.stdin = binary, argv, policy, stdin
+        self.attached = attached
+        """stdin/stdout/stderr are ours, passed through (nothing to feed or collect)."""
         self.group = group
         self.started = started
         self.deadline = None if policy.timeout_s is None else started + policy.timeout_s
@@ -113,15 +142,18 @@ class _Run:
         self.host_relay = gateway is not None and bridge.can_enter_netns()
         self.inside_bridge = gateway is not None and not self.host_relay
         self.status = b""
+        self.setup_error: tuple[str, str] | None = None
 
     def execute(self) -> CommandResult:
         proc, status_r, block_w = self._launch()
         collector = Collector(proc, self.stdin)
         serving = None
         try:
-            if block_w is not None:
-                serving = self._open_gateway(status_r, block_w)
+            serving = self._release(proc, status_r, block_w)
             timed_out = self._wait(proc, collector)
+            if not timed_out:  # let bwrap report the exit code before anything left is killed
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=EXIT_GRACE_S)
             self.group.kill_all()
             collector.pump(time.monotonic() + DRAIN_S)
             proc.wait()
@@ -133,42 +165,43 @@ class _Run:
             for pipe in (proc.stdout, proc.stderr):
                 if pipe is not None:
                     pipe.close()
-            os.close(status_r)
-            if block_w is not None:
-                with contextlib.suppress(OSError):
-                    os.close(block_w)
+            _close(status_r, block_w)
         return self._result(proc, collector, timed_out)
 
-    def _launch(self) -> tuple[subprocess.Popen[bytes], int, int | None]:
+    def _launch(self) -> tuple[subprocess.Popen[bytes], int, int]:
+        """Start bwrap, which sets the sandbox up and then waits on ``--block-fd`` for :meth:`_release`."""
         command, gateway_inside = self._command()
+        try:  # refuse a bad policy before any fd is opened
+            _bwrap_argv.user_mounts(self.policy, _bwrap_argv.sandbox_env(self.policy)["HOME"])
+        except ValueError as exc:
+            raise SandboxError(f"refusing the sandbox policy: {exc}", "bind narrower paths") from exc
         try:
             seccomp_fd = seccomp.memfd()
         except seccomp.SeccompUnavailable as exc:
             raise SandboxError(f"cannot build the bwrap tier's seccomp filter: {exc}", seccomp.FIX) from exc
         status_r, status_w = os.pipe()
-        block_r, block_w = os.pipe() if self.host_relay else (None, None)
+        block_r, block_w = os.pipe()
+        passed = (seccomp_fd, status_w, block_r)
+        full = _bwrap_argv.build(
+            self.policy,
+            command,
+            bwrap=self.binary,
+            seccomp_fd=seccomp_fd,
+            status_fd=status_w,
+            block_fd=block_r,
+            gateway_inside=gateway_inside,
+        )
         try:
-            full = _bwrap_argv.build(
-                self.policy,
-                command,
-                bwrap=self.binary,
-                seccomp_fd=seccomp_fd,
-                status_fd=status_w,
-                block_fd=block_r,
-                gateway_inside=gateway_inside,
-            )
-        except ValueError as exc:
-            _close(seccomp_fd, status_w, status_r, block_r, block_w)
-            raise SandboxError(f"refusing the sandbox policy: {exc}", "bind narrower paths") from exc
-        enter = " && ".join(f"echo $$ > {shlex.quote(str(path))}" for path in self.group.procs_files)
-        launcher = ["/bin/sh", "-c", f'{enter} && exec "$@"', "sh", *full]
-        passed = tuple(fd for fd in (seccomp_fd, status_w, block_r) if fd is not None)
-        try:
+            if self.attached:
+                stdin, out = None, None
+            else:
+                stdin = subprocess.PIPE if self.stdin is not None else subprocess.DEVNULL
+                out = subprocess.PIPE
             proc = subprocess.Popen(
-                launcher,
-                stdin=subprocess.PIPE if self.stdin is not None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                full,
+                stdin=stdin,
+                stdout=out,
+                stderr=out,
                 pass_fds=passed,
                 close_fds=True,
                 env={},
@@ -177,7 +210,7 @@ class _Run:
             )
         except OSError as exc:
             _close(status_r, block_w)
-            raise SandboxError(f"cannot start bwrap: {exc.strerror}", INSTALL_FIX) from exc
+            raise SandboxError(f"cannot start bwrap: {exc}", INSTALL_FIX) from exc
         finally:
             _close(*passed)
         return proc, status_r, block_w
@@ -194,20 +227,36 @@ class _Run:
             )
         return bridge.inside_command(self.argv, self.policy.proxy_port, socat), bridge.INSIDE_SOCKET
 
-    def _open_gateway(self, status_r: int, block_w: int) -> bridge.Serving | None:
-        """Listen inside the new network namespace, relay to the gateway, then let the command start."""
-        serving = None
+    def _release(self, proc: subprocess.Popen[bytes], status_r: int, block_w: int) -> bridge.Serving | None:
+        """While bwrap waits: put it in the cgroup, open the gateway port; then let the command start.
+
+        ``block_w`` stays open (the caller closes it once): closing an fd twice from threads closes
+        someone else's.
+        """
+        pid = self._child_pid(status_r)
+        if pid is None and proc.poll() is None:
+            self.setup_error = (f"bwrap did not create the sandbox within {START_WAIT_S:g} s", INSTALL_FIX)
+            _kill(proc.pid)
+            return None
+        if pid is None or not _is_child_of(pid, proc.pid):
+            return None  # bwrap failed while setting up: its status and stderr say why
         try:
-            pid = self._child_pid(status_r)
-            if pid is not None and self.policy.gateway_socket is not None:
+            self.group.enter(proc.pid, pid)
+        except OSError as exc:
+            self.setup_error = (f"cannot put the sandbox in its cgroup: {exc}", _CGROUP_FIX)
+            _kill(proc.pid)
+            return None
+        serving = None
+        if self.host_relay and self.policy.gateway_socket is not None:
+            try:
                 listener = bridge.listen_in_netns(pid, self.policy.proxy_port)
                 serving = bridge.RELAY.serve(listener, Path(self.policy.gateway_socket))
-        except OSError:
-            pass  # the sandbox died while starting: its status says so below
-        finally:
-            with contextlib.suppress(OSError):
-                os.write(block_w, b"go")
-            os.close(block_w)
+            except OSError as exc:
+                self.setup_error = (f"cannot open the gateway port inside the sandbox: {exc}", GATEWAY_FIX)
+                self.group.kill_all()
+                return None
+        with contextlib.suppress(OSError):
+            os.write(block_w, b"go")
         return serving
 
     def _child_pid(self, status_r: int) -> int | None:
@@ -228,6 +277,12 @@ class _Run:
 
     def _wait(self, proc: subprocess.Popen[bytes], collector: Collector) -> bool:
         """Pump output until the streams close, the command exits, or the deadline passes (True)."""
+        if self.attached:  # no pipes of ours: bwrap exits when the command (its pid 1) does
+            try:
+                proc.wait(None if self.deadline is None else max(0.0, self.deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                return True
+            return False
         exited_at = None
         while True:
             now = time.monotonic()
@@ -245,6 +300,9 @@ class _Run:
     def _result(self, proc: subprocess.Popen[bytes], collector: Collector, timed_out: bool) -> CommandResult:
         stdout, stderr = collector.text(0), collector.text(1)
         duration = time.monotonic() - self.started
+        if self.setup_error is not None:
+            message, fix = self.setup_error
+            raise SandboxError(f"the bwrap tier could not start the command: {message}", fix)
         if timed_out:
             return CommandResult(124, stdout, stderr, timed_out=True, duration_s=duration)
         exit_codes = [doc["exit-code"] for doc in _docs(self.status) if "exit-code" in doc]
@@ -285,6 +343,24 @@ def _read_available(fd: int) -> bytes:
     return data
 
 
+def _is_child_of(pid: int, parent: int) -> bool:
+    """Whether ``pid`` is still bwrap's child: never move (or kill) a process that reused its number."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1]) == parent
+    return False
+
+
+def _kill(*pids: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _close(*fds: int | None) -> None:
     for fd in fds:
         if fd is not None:
@@ -309,6 +385,7 @@ _CGROUP_FIX = (
     "run CodeEvolver as root, or inside a cgroup with delegated memory, pids and cpu controllers "
     "(e.g. systemd-run --user --scope -p Delegate=yes codeevolver ...)"
 )
+GATEWAY_FIX = "check that the egress gateway is running and its socket exists; run `codeevolver doctor`"
 
 _binary: str | None = None
 

@@ -3,14 +3,16 @@
 A pid namespace does not limit how many processes a sandbox makes, and a
 double-forked daemon leaves the process group; a cgroup sees them all. Each
 run gets its own group (memory, pids, cpu, and a freezer to stop a fork bomb
-while it is being killed), entered by the launcher *before* bwrap starts, so
-no user code ever runs outside it.
+while it is being killed), entered while bwrap waits on its block fd, so no
+user code ever runs outside it.
 
 Both layouts are handled: cgroup v1 (one hierarchy per controller, as on
-hybrid hosts) and the unified v2 hierarchy. Run groups are made under the
-hierarchy's place of *this* process (v1), so limits set on us still apply, or
-under ``<v2 root>/codeevolver`` (v2, whose "no processes in inner nodes" rule
-forbids children of our own busy group).
+hybrid hosts) and the unified v2 hierarchy. On v1 run groups are made right
+in *this* process's own groups, so limits set on us still apply and nothing
+of ours is left there once the run is over (a leftover child would keep
+whoever made our group from removing it). On v2 they go under
+``<v2 root>/codeevolver``: the "no processes in inner nodes" rule forbids
+children of our own busy group.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def detect(mountinfo: str | None = None, proc_cgroup: str | None = None) -> Layo
             if name in options and name not in parents:
                 path = own.get(name, "/")
                 rel = path[len(root) :] if path.startswith(root) else path
-                parents[name] = Path(point) / rel.lstrip("/") / "codeevolver"
+                parents[name] = Path(point) / rel.lstrip("/")
     missing = [name for name in V1_CONTROLLERS if name not in parents]
     if missing:
         raise CgroupUnavailable(f"no cgroup hierarchy with the {', '.join(missing)} controller is mounted")
@@ -154,6 +156,12 @@ class RunGroup:
     def procs_files(self) -> list[Path]:
         """Every ``cgroup.procs`` a process must be written into to be fully inside."""
         return [path / "cgroup.procs" for path in self.dirs.values()]
+
+    def enter(self, *pids: int) -> None:
+        """Move ``pids`` (each a single-threaded process) into every hierarchy of this group."""
+        for procs in self.procs_files:
+            for pid in pids:
+                _write(procs, str(pid))
 
     def _dir(self, controller: str) -> Path:
         return self.dirs[controller if self.version == 1 else ""]

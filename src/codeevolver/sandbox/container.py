@@ -28,6 +28,7 @@ from pathlib import Path
 
 from codeevolver.errors import SandboxError
 from codeevolver.sandbox import _oci, _oci_bridge
+from codeevolver.sandbox._bwrap_argv import sandbox_env
 from codeevolver.sandbox.base import CommandResult, SandboxPolicy
 from codeevolver.sandbox.dockerfile import DEFAULT_IMAGE
 
@@ -180,7 +181,7 @@ def command(
     flags += _limits(policy, runsc)
     flags += _mounts(policy)
     flags += ["-w", CONTAINER_WORKDIR, "--entrypoint", "/usr/bin/env", image, "-i"]
-    flags += [f"{k}={v}" for k, v in _oci.sandbox_env(policy).items()]
+    flags += [f"{k}={v}" for k, v in sandbox_env(policy).items()]
     inner = [_inside(a, workdir) for a in argv]
     if policy.gateway_socket is not None:
         inner = ["python3", "-I", "-S", "-c", _BRIDGE_SOURCE, str(policy.proxy_port), _oci.GATEWAY_PATH, *inner]

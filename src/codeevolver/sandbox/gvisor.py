@@ -6,8 +6,9 @@ reachable from inside is not a host kernel bug. The bundle (see ``_oci``) shows 
 (``--network=none``) and the gateway's unix socket, bridged to 127.0.0.1:PORT inside,
 is the only way out. ``runsc do`` is never used: it shows the host's root filesystem.
 
-``--platform=ptrace`` because KVM hangs on machines like ours; every run ends with
-``runsc delete --force`` so no process, cgroup or state outlives it.
+``--platform=ptrace`` because KVM hangs on machines like ours. When the command exits,
+runsc ends every process of the sandbox (daemons too); a run that timed out or did not
+end cleanly is also ``runsc delete --force``-d, so no process, cgroup or state outlives it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ FIX = "apt-get install runsc"
 PLATFORM = "ptrace"
 KILL_GRACE_S = 5.0
 _STARTUP_ERRORS = ("running container:", "creating container:", "starting container:")
+_EXEC_ERRORS = ("error finding executable", "failed to load")
 
 _BRIDGE_SOURCE = Path(_oci_bridge.__file__).read_text()
 _live: dict[str, Path] = {}
@@ -54,7 +56,8 @@ def available() -> tuple[bool, str]:
     if os.geteuid() != 0:
         return False, "runsc needs root to create sandboxes; fix: run CodeEvolver as root, or use the bwrap tier"
     try:
-        probe = GvisorSandbox().run(["/usr/bin/true"], SandboxPolicy(workdir=Path(tempfile.gettempdir()), timeout_s=30))
+        with tempfile.TemporaryDirectory(prefix="codeevolver-probe-") as empty:
+            probe = GvisorSandbox().run(["/usr/bin/true"], SandboxPolicy(workdir=Path(empty), timeout_s=30))
     except SandboxError as exc:
         return False, f"runsc is installed but cannot start a sandbox: {exc.message}; fix: {FIX}"
     if probe.returncode != 0:
@@ -87,7 +90,7 @@ class GvisorSandbox:
         runsc = shutil.which("runsc")
         if runsc is None:
             raise SandboxError("runsc (gVisor) is not installed", FIX)
-        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._ensure_state_dir()
         cid = f"ce-{uuid.uuid4().hex[:16]}"
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="codeevolver-oci-") as tmp:
@@ -107,8 +110,18 @@ class GvisorSandbox:
             duration_s=time.monotonic() - started,
         )
 
+    def _ensure_state_dir(self) -> None:
+        """runsc's state must be ours alone: a directory someone else made could redirect it."""
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = self.state_dir.lstat()
+        if self.state_dir.is_symlink() or info.st_uid != os.getuid():
+            raise SandboxError(
+                f"runsc's state directory {self.state_dir} is not a directory owned by this user",
+                "remove it, or set XDG_RUNTIME_DIR to a private directory",
+            )
+
     def _flags(self, policy: SandboxPolicy) -> list[str]:
-        flags = [f"--root={self.state_dir}", f"--platform={PLATFORM}", "--network=none"]
+        flags = [f"--root={self.state_dir}", f"--platform={PLATFORM}", "--network=none", "--oci-seccomp"]
         if policy.gateway_socket is not None:
             flags.append("--host-uds=open")  # only to connect to the bound gateway socket
         return flags
@@ -159,8 +172,7 @@ class GvisorSandbox:
 
 def _start_failure(err: str, argv: Sequence[str], started: float) -> CommandResult:
     """A command that cannot be executed is the command's failure (127); anything else is the tier's."""
-    lowered = err.lower()
-    if "no such file" in lowered or "not found" in lowered or "permission denied" in lowered:
+    if any(marker in err for marker in _EXEC_ERRORS):
         return CommandResult(127, "", f"{argv[0]}: {err.strip()}", False, time.monotonic() - started)
     raise SandboxError(f"runsc could not start the sandbox: {err.strip()[-500:]}", FIX)
 

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import threading
+from typing import Any
 
 SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
 FIX = "apt-get install python3-seccomp (libseccomp's Python binding for the system python3)"
@@ -68,8 +69,8 @@ DENIED = (
 )
 """Syscalls that fail with EPERM whatever their arguments."""
 
-ENOSYS = ("clone3",)
-"""clone3 hides its flags in memory a filter cannot read; ENOSYS makes libc fall back to clone."""
+ENOSYS = ("clone3", "openat2")
+"""clone3 and openat2 hide their flags in memory a filter cannot read; ENOSYS makes libc fall back."""
 
 CLONE_NAMESPACE_FLAGS = {
     "CLONE_NEWNS": 0x00020000,
@@ -83,6 +84,19 @@ CLONE_NAMESPACE_FLAGS = {
 SOCKET_FAMILIES = {"AF_KEY": 15, "AF_PACKET": 17, "AF_VSOCK": 40}
 IOCTLS = {"TIOCSTI": 0x5412, "TIOCLINUX": 0x541C}
 """Terminal ioctls that push keystrokes into (or read) a terminal someone else reads."""
+MODE_ARGS = {
+    "chmod": 1,
+    "fchmod": 1,
+    "fchmodat": 2,
+    "452": 2,  # fchmodat2 (Linux 6.6), by number: newer than libseccomp 2.5's table; same number on every arch
+    "open": 2,
+    "openat": 3,
+    "creat": 1,
+    "mknod": 1,
+    "mknodat": 2,
+}
+"""Where each file-mode-setting syscall takes its mode: setuid/setgid bits there are refused, so the
+sandbox cannot leave a set-id program in the worktree for someone on the host to run."""
 
 _GENERATOR = r"""
 import errno, json, sys, seccomp
@@ -100,6 +114,9 @@ for family in spec["families"]:
     f.add_rule(eperm, "socketpair", seccomp.Arg(0, seccomp.EQ, family))
 for request in spec["ioctls"]:
     f.add_rule(eperm, "ioctl", seccomp.Arg(1, seccomp.MASKED_EQ, 0xFFFFFFFF, request))
+for name, index in spec["mode_args"].items():
+    for bit in (0o4000, 0o2000):
+        f.add_rule(eperm, int(name) if name.isdigit() else name, seccomp.Arg(index, seccomp.MASKED_EQ, bit, bit))
 f.export_bpf(sys.stdout)
 """
 
@@ -111,7 +128,7 @@ class SeccompUnavailable(RuntimeError):
     """No system interpreter here can compile the filter."""
 
 
-def spec() -> dict[str, list]:
+def spec() -> dict[str, Any]:
     """The rules as data, so tests and docs can see what is denied."""
     return {
         "denied": list(DENIED),
@@ -119,7 +136,35 @@ def spec() -> dict[str, list]:
         "clone_flags": list(CLONE_NAMESPACE_FLAGS.values()),
         "families": list(SOCKET_FAMILIES.values()),
         "ioctls": list(IOCTLS.values()),
+        "mode_args": dict(MODE_ARGS),
     }
+
+
+def oci_profile() -> dict[str, Any]:
+    """The same rules as an OCI ``linux.seccomp`` section, for tiers that take a runtime spec."""
+    errno_eperm = {"action": "SCMP_ACT_ERRNO", "errnoRet": 1}
+
+    def masked(index: int, value: int, mask: int | None = None) -> dict[str, Any]:
+        return {
+            "index": index,
+            "value": mask if mask is not None else value,
+            "valueTwo": value,
+            "op": "SCMP_CMP_MASKED_EQ",
+        }
+
+    rules: list[dict[str, Any]] = [
+        {"names": list(DENIED), **errno_eperm},
+        {"names": list(ENOSYS), "action": "SCMP_ACT_ERRNO", "errnoRet": 38},
+    ]
+    rules += [{"names": ["clone"], **errno_eperm, "args": [masked(0, flag)]} for flag in CLONE_NAMESPACE_FLAGS.values()]
+    for family in SOCKET_FAMILIES.values():
+        arg = {"index": 0, "value": family, "op": "SCMP_CMP_EQ"}
+        rules.append({"names": ["socket", "socketpair"], **errno_eperm, "args": [arg]})
+    rules += [{"names": ["ioctl"], **errno_eperm, "args": [masked(1, req, 0xFFFFFFFF)]} for req in IOCTLS.values()]
+    for name, index in MODE_ARGS.items():
+        label = "fchmodat2" if name == "452" else name
+        rules += [{"names": [label], **errno_eperm, "args": [masked(index, bit)]} for bit in (0o4000, 0o2000)]
+    return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"], "syscalls": rules}
 
 
 def program() -> bytes:
