@@ -238,5 +238,5 @@ def test_registry() -> None:
     agent = get_agent("mini")
     assert isinstance(agent, MiniSweAgent)
     assert agent.name == "mini"
-    with pytest.raises(ConfigError, match="use one of: mini"):
+    with pytest.raises(ConfigError, match="use one of: claude, mini"):
         get_agent("nope")

@@ -1,7 +1,8 @@
 """Coding agent backends, looked up by short name and imported lazily.
 
-``AGENTS`` is the extension point: a new backend (the Claude Agent SDK one)
-adds its ``module:Class`` here. Lazy import keeps a backend's heavy
+``AGENTS`` is the extension point: each backend adds its ``module:Class`` here
+(``mini``: mini-swe-agent for OpenAI-compatible models; ``claude``: the Claude
+Agent SDK with the Claude Code CLI in the sandbox). Lazy import keeps a backend's heavy
 dependencies out of runs that do not use it.
 """
 
@@ -14,6 +15,7 @@ from codeevolver.errors import ConfigError
 
 AGENTS: dict[str, str] = {
     "mini": "codeevolver.agents.mini:MiniSweAgent",
+    "claude": "codeevolver.agents.claude:ClaudeCodeAgent",
 }
 
 __all__ = ["AGENTS", "AgentResult", "AgentTask", "CodingAgent", "get_agent"]

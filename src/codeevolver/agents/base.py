@@ -33,6 +33,14 @@ class AgentTask:
     candidate_id: str | None = None
     max_steps: int = 30
     timeout_s: float = 600.0
+    entry: str = ""
+    """The program's entry point (``module:attr``) the agent must keep callable; "" if unknown."""
+    metric: str = ""
+    """The metric (``module:attr``) the agent must leave alone; "" if unknown."""
+    python: str = "python3"
+    """The interpreter that runs the user's program inside the sandbox (for the agent's self-check)."""
+    max_usd: float | None = None
+    """A safety stop for backends that track their own spend; billing is always the gateway's ledger."""
 
 
 @dataclass

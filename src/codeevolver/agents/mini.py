@@ -34,6 +34,7 @@ from minisweagent.models.utils.actions_toolcall import (
 
 from codeevolver.agents.base import AgentResult, AgentTask
 from codeevolver.agents.mini_prompts import MINI_INSTANCE_TEMPLATE, MINI_SYSTEM_TEMPLATE
+from codeevolver.agents.task_prompt import render_task
 from codeevolver.errors import ModelError
 from codeevolver.models.base import LanguageModel
 from codeevolver.sandbox.base import Sandbox, SandboxPolicy
@@ -193,7 +194,7 @@ class MiniSweAgent:
             max_consecutive_format_errors=MAX_FORMAT_ERRORS,
         )
         try:
-            info = agent.run(task.change_request)
+            info = agent.run(render_task(task))
         except ModelError as exc:
             if _context_overflow(exc):
                 return _result(agent, task, {"exit_status": "ContextWindowExceeded"})

@@ -1,9 +1,9 @@
 """Prompt templates for the ``mini`` coding agent (Jinja, rendered by mini-swe-agent).
 
-Adapted from mini-swe-agent's tool-calling ``mini.yaml`` with CodeEvolver's
-rules added: the worktree is the whole world, the evaluator's entry points are
-fixed, and the orchestrator (not the agent) commits. Variables: ``task`` (the
-change request), ``step_limit``, ``command_timeout_s``.
+Adapted from mini-swe-agent's tool-calling ``mini.yaml``. ``task`` is the text
+shared by every backend (``task_prompt.render_task``: the change request and
+CodeEvolver's rules); this template adds what is mini's own: how to submit and
+how commands run. Variables: ``task``, ``step_limit``, ``command_timeout_s``.
 """
 
 MINI_SYSTEM_TEMPLATE = """\
@@ -13,24 +13,10 @@ bash tool call.
 """
 
 MINI_INSTANCE_TEMPLATE = """\
-Carry out this change request in the repository in the current directory:
-
-<change_request>
 {{task}}
-</change_request>
+## Finishing
 
-## Rules
-
-1. Work only inside the current directory (a git worktree of the application). Do not read or write \
-files outside it, and do not install system packages.
-2. Keep the program's entry point and the metric intact: do not rename, move or change the signature \
-of the functions, classes or modules that the evaluator calls. Change their insides as the request asks.
-3. Do not commit: no `git commit`, `git add`, `git stash`, `git checkout` of other branches, no changes to \
-git config or hooks. The orchestrator commits whatever you leave in the working tree.
-4. Self-check before you finish: run something small and fast that proves your change works \
-(compile or import the changed module, call the changed function on one input). \
-Do not run the full evaluation.
-5. When you are done, reply with a short summary of what you changed and why, and in the same reply \
+When you are done, reply with a short summary of what you changed and why, and in the same reply \
 call bash with exactly `echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT` and nothing else. After that \
 command you cannot continue.
 

@@ -1,20 +1,35 @@
 """Code mutation: the reflection model writes a change request, a coding agent carries it out.
 
+By default the change request comes from the read-only reflection agent
+(:mod:`codeevolver.proposers.reflection_agent`) over the parent's cached export; a model that
+cannot call tools falls back to the single reflection call below. With ``additional_instructions``
+set, the request is checked against them before anything is exported or an agent starts.
 The agent works in a fresh export of the parent's commit, inside the sandbox;
 the orchestrator then commits the directory with git plumbing (no hooks).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from codeevolver.agents.base import AgentTask, CodingAgent
 from codeevolver.models.base import LanguageModel
+from codeevolver.proposers.reflection_agent import (
+    MAX_STEPS,
+    ReflectionAgent,
+    check_constraints,
+    choose_mode,
+    task_prompt,
+)
 from codeevolver.proposers.reflective import render
 from codeevolver.sandbox.base import Sandbox, SandboxPolicy
 from codeevolver.workspace.git import GitWorkspace
+
+log = logging.getLogger("codeevolver.reflection")
 
 TEMPLATE = """You are the architect of an AI application that is being improved automatically.
 It is run on examples and scored by a metric; below are its recent results. Propose ONE
@@ -66,7 +81,19 @@ class CodeProposer:
         additional_instructions: str = "",
         max_steps: int = 30,
         timeout_s: float = 900.0,
+        readonly_paths: tuple[Path, ...] = (),
+        policy_hook: Callable[[SandboxPolicy], SandboxPolicy] | None = None,
+        reflection_agent: bool = True,
+        reflection_steps: int = MAX_STEPS,
     ) -> None:
+        """``readonly_paths`` (the user's interpreter) and ``policy_hook`` (the gateway) shape the agent's sandbox.
+
+        ``reflection_agent`` picks the read-only tool loop over the single reflection call
+        (``[optimize] reflection_agent``); ``reflection_steps`` caps its tool calls.
+        """
+        self.reflection_agent = ReflectionAgent(reflection_lm, reflection_steps) if reflection_agent else None
+        self.readonly_paths = readonly_paths
+        self.policy_hook = policy_hook
         self.reflection_lm = reflection_lm
         self.agent_lm = agent_lm
         self.agent = agent
@@ -87,6 +114,34 @@ class CodeProposer:
         history: list[str],
         candidate_id: str,
     ) -> str:
+        """The change request text: from the reflection agent, else from one reflection call."""
+        if self.reflection_agent is not None:
+            prompt = task_prompt(
+                files=self.workspace.list_files(parent_commit),
+                components=components,
+                records=records,
+                history=history,
+                additional_instructions=self.additional_instructions,
+                entry=self.entry,
+                metric=self.metric,
+                mode=choose_mode(history),
+            )
+            root = self.workspace.evaluation_dir(parent_commit)
+            result = self.reflection_agent.run(root, prompt, candidate_id)
+            if result.request is not None:
+                return result.request.render()
+            log.info("reflection agent for %s fell back to one call: %s", candidate_id, result.fallback_reason)
+        return self.single_call_request(parent_commit, components, records, history, candidate_id)
+
+    def single_call_request(
+        self,
+        parent_commit: str,
+        components: dict[str, str],
+        records: list[dict[str, str]],
+        history: list[str],
+        candidate_id: str,
+    ) -> str:
+        """One reflection call over the file list: the path for models that cannot call tools."""
         instructions = (
             f"\n## Constraints and ideas from the user\n{self.additional_instructions}\n"
             if self.additional_instructions
@@ -118,8 +173,22 @@ class CodeProposer:
         request = self.change_request(parent_commit, components, records, history, candidate_id)
         if not request:
             return CodeChange(None, "", reason="the reflection model returned an empty change request")
+        if self.additional_instructions:
+            verdict = check_constraints(self.reflection_lm, request, self.additional_instructions, candidate_id)
+            if verdict.violates:
+                why = f"{verdict.constraint}: {verdict.why}" if verdict.constraint else verdict.why
+                return CodeChange(
+                    None, request, reason=f"the change request violates a stated constraint: {why or 'unspecified'}"
+                )
         self.workspace.export(parent_commit, worktree)
-        policy = SandboxPolicy(workdir=worktree, env=self.agent_env, timeout_s=min(120.0, self.timeout_s))
+        policy = SandboxPolicy(
+            workdir=worktree,
+            env=self.agent_env,
+            readonly_paths=self.readonly_paths,
+            timeout_s=min(120.0, self.timeout_s),
+        )
+        if self.policy_hook is not None:
+            policy = self.policy_hook(policy)
         task = AgentTask(
             change_request=request,
             worktree=worktree,
@@ -129,6 +198,9 @@ class CodeProposer:
             candidate_id=candidate_id,
             max_steps=self.max_steps,
             timeout_s=self.timeout_s,
+            entry=self.entry,
+            metric=self.metric,
+            python=self.agent_env.get("PYTHON", "python3"),
         )
         result = self.agent.run(task)
         if not result.ok:
