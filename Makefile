@@ -28,7 +28,8 @@ demo: $(VENV)/.installed-all
 # Debian packages the tests need (only when root; otherwise they must be present already).
 system-deps:
 	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
-		missing=""; for p in git build-essential cmake; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+		missing=""; for p in git build-essential cmake bubblewrap runsc socat python3-seccomp; do \
+			dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 		if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
 	fi
 
@@ -43,6 +44,8 @@ bench: $(VENV)/.installed-all
 	$(PY) bench/concurrency.py
 	$(PY) bench/overhead.py
 	$(PY) bench/gepa_parity.py
+	$(PY) bench/sandbox_start.py
+	$(PY) bench/gateway.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache

@@ -64,7 +64,23 @@ class RouterWorld:
         messages = body["messages"]
         system = messages[0]["content"] if messages[0]["role"] == "system" else ""
         user = messages[-1]["content"] if isinstance(messages[-1].get("content"), str) else ""
-        if body.get("tools"):
+        tools = [tool["function"]["name"] for tool in body.get("tools") or []]
+        if "submit_change_request" in tools:  # the read-only reflection agent: submit at once
+            self._count("change_request")
+            return Reply(
+                tool_calls=[
+                    (
+                        "submit_change_request",
+                        {
+                            "what": "lowercase the model's text in parse() before matching labels",
+                            "where": ["router/pipeline.py"],
+                            "why": "the model answers with capitalised labels",
+                            "expected_effect": "every example matches its label",
+                        },
+                    )
+                ]
+            )
+        if tools:
             return self._agent(messages)
         if user in self.truth:
             self._count("task")

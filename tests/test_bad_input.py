@@ -24,6 +24,14 @@ def edit_toml(old: str, new: str) -> Callable[[Path], None]:
     return edit
 
 
+def append_toml(text: str) -> Callable[[Path], None]:
+    def edit(repo: Path) -> None:
+        with (repo / "codeevolver.toml").open("a") as handle:
+            handle.write("\n" + text + "\n")
+
+    return edit
+
+
 def write(rel: str, text: str) -> Callable[[Path], None]:
     def edit(repo: Path) -> None:
         (repo / rel).write_text(text)
@@ -85,6 +93,8 @@ CASES = [
     Case("unwritable state dir", r"state directory", args=("--state-dir", "/proc/version/state")),
     Case("unknown sandbox tier", r"unknown sandbox tier 'moon'", args=("--sandbox", "moon")),
     Case("bad --mutate", r"--mutate 'everything'", args=("--mutate", "everything")),
+    Case("secret from an unset variable", r"needs the environment variable CE_TEST_UNSET_TOKEN",
+         append_toml('[sandbox]\nsecrets = {"api.github.com" = "Authorization: Bearer ${CE_TEST_UNSET_TOKEN}"}')),
     Case("resume unknown run", r"no run 'r-nope'|no CodeEvolver runs", command="resume"),
 ]  # fmt: skip
 

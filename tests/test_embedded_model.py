@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,10 +28,14 @@ def _port_open(port: int) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie nobody has reaped yet counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError):
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
     return True
 
 
@@ -45,7 +50,7 @@ def test_serves_a_chat_completion_and_stops(ready: None) -> None:
     server = EmbeddedModelServer(n_threads=2)
     with server:
         assert server.process is not None and server.port is not None
-        pid, port = server.process.pid, server.port
+        pid, port, log = server.process.pid, server.port, server.log_path
         spec = server.spec()
         assert spec.name == MODEL_NAME == server.model_name
         assert spec.api_base == server.api_base == f"http://127.0.0.1:{port}/v1"
@@ -59,21 +64,25 @@ def test_serves_a_chat_completion_and_stops(ready: None) -> None:
     assert server.process is None
     assert not _port_open(port)
     assert not _alive(pid)
+    assert log is not None and not log.parent.exists()  # the temp log of a clean run goes too
     server.stop()  # idempotent
 
 
 # Starts a server, reports its pid and port, then waits to be killed.
 ORPHAN = """
-import json, time
+import json, sys, time
+from pathlib import Path
 from codeevolver.models.embedded import EmbeddedModelServer
-server = EmbeddedModelServer(n_threads=1).start()
+server = EmbeddedModelServer(n_threads=1, log_path=Path(sys.argv[1])).start()
 print(json.dumps({"pid": server.process.pid, "port": server.port}), flush=True)
 time.sleep(300)
 """
 
 
-def test_the_server_exits_when_its_parent_is_killed(ready: None) -> None:
-    parent = subprocess.Popen([sys.executable, "-c", ORPHAN], stdout=subprocess.PIPE, text=True)
+def test_the_server_exits_when_its_parent_is_killed(ready: None, tmp_path: Path) -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN, str(tmp_path / "server.log")], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert parent.stdout is not None
         started = json.loads(parent.stdout.readline())

@@ -141,7 +141,7 @@ def test_usd_budget_stops_the_run(tmp_path: Path) -> None:
             "--max-metric-calls", "400", "--max-usd", "0.00001", "--concurrency", "1",
         )  # fmt: skip
     assert result["status"] == "finished"
-    assert result["usage"]["calls"] == 1
+    assert result["usage"]["calls_by_purpose"]["reflection"] == 1
     assert float(result["usage"]["usd"]) > 0.00001
     assert result["metric_calls"] < 100
 

@@ -352,13 +352,13 @@ def test_migration_creates_version_table_and_reopening_is_a_no_op(tmp_path: Path
     with engine.connect() as conn:
         tables = set(inspect(conn).get_table_names())
         assert {"alembic_version", "runs", "candidates", "evaluations", "events", "usage"} <= tables
-        assert "transcripts" in tables
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+        assert {"transcripts", "audit"} <= tables
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0002"]
     mtime = path.stat().st_mtime_ns
     with Store(_url(path)) as s:
         assert s.get_run(rid).config == {"k": 1}
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0002"]
     assert path.stat().st_mtime_ns == mtime  # the upgrade found nothing to do and wrote nothing
     engine.dispose()
 

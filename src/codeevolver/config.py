@@ -61,12 +61,17 @@ class OptimizeConfig(_Section):
     skip_perfect_score: bool = True
     perfect_score: float = 1.0
     additional_instructions: str = ""
+    reflection_agent: bool = Field(
+        True,
+        description="Code mutations: let the reflection model read the repository with read-only tools before "
+        "writing the change request; false (or a model without tool calls) uses one reflection call.",
+    )
     agent_max_steps: int = Field(30, ge=1)
     agent_timeout_s: float = Field(900.0, gt=0)
 
 
 class SandboxConfig(_Section):
-    tier: str = "unsafe"
+    tier: str = "bwrap"
     allow_domains: list[str] = Field(default_factory=list)
     secrets: dict[str, str] = Field(default_factory=dict)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,7 +40,10 @@ class Evaluator:
         python: Path,
         env: Mapping[str, str],
         per_example_timeout_s: float = 60.0,
+        policy_hook: Callable[[SandboxPolicy], SandboxPolicy] | None = None,
     ) -> None:
+        """``policy_hook`` adds what the sandbox's way out needs (a gateway session's socket and env)."""
+        self.policy_hook = policy_hook
         self.framework = framework
         self.entry = entry
         self.metric = metric
@@ -124,12 +127,13 @@ class Evaluator:
     def policy(self, worktree: Path, timeout_s: float) -> SandboxPolicy:
         """What the runner may see: the worktree, the runner, the interpreter, and ``env`` only."""
         readonly = (RUNNER_PATH.parent, *python_prefixes(self.python))
-        return SandboxPolicy(
+        policy = SandboxPolicy(
             workdir=Path(worktree),
             env=self.child_env(),
             readonly_paths=tuple(dict.fromkeys(readonly)),
             timeout_s=timeout_s,
         )
+        return self.policy_hook(policy) if self.policy_hook is not None else policy
 
     def child_env(self) -> dict[str, str]:
         """Exactly ``env`` plus PATH/HOME/LANG basics; nothing from the orchestrator's environment."""

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from codeevolver.agents import get_agent
 from codeevolver.config import ProjectConfig, load_config, parse_config, resolve_components
@@ -34,8 +34,11 @@ from codeevolver.sandbox import TIERS, get_sandbox
 from codeevolver.sandbox.base import Sandbox
 from codeevolver.store import Store
 from codeevolver.types import Candidate, ExampleResult
-from codeevolver.userenv import resolve_python
+from codeevolver.userenv import python_prefixes, resolve_python
 from codeevolver.workspace.git import GitWorkspace, check_repo
+
+if TYPE_CHECKING:
+    from codeevolver.egress import RunEgress
 
 STATE_DIR = ".codeevolver"
 VALIDATION_ROWS = 15
@@ -112,13 +115,29 @@ def _check_budget(config: ProjectConfig, n_train: int, n_val: int) -> None:
 
 
 def _choose_sandbox(config: ProjectConfig, skip: bool) -> Sandbox:
+    """The configured tier, checked: available here, and ``unsafe`` only with the explicit opt-in."""
+    import importlib
+    import sys
+
+    from codeevolver.sandbox.unsafe import UNPROTECTED
+
     sandbox = get_sandbox(config.sandbox.tier)
     if not sandbox.isolated:
-        real_tiers = sorted(name for name in TIERS if name != "unsafe")
-        if real_tiers and not skip:
+        if not skip:
             raise SandboxError(
-                f"sandbox tier {sandbox.name!r} runs AI-written code unprotected on this machine",
-                f"use --sandbox {real_tiers[0]}, or pass --dangerously-skip-sandbox if you accept the risk",
+                f"sandbox tier {sandbox.name!r} is unprotected: {UNPROTECTED}",
+                "use --sandbox bwrap (or gvisor), or pass --dangerously-skip-sandbox if you accept the risk",
+            )
+        print(f"WARNING: running without a sandbox: {UNPROTECTED}.", file=sys.stderr)
+        return sandbox
+    module = importlib.import_module(TIERS[sandbox.name].partition(":")[0])
+    check = getattr(module, "available", None)
+    if check is not None:
+        ok, reason = check()
+        if not ok:
+            raise SandboxError(
+                f"sandbox tier {sandbox.name!r} cannot run here: {reason}",
+                "`codeevolver doctor` lists the tiers that work on this machine and how to fix the others",
             )
     return sandbox
 
@@ -195,10 +214,17 @@ def _drop_unused_predictors(components: dict[str, str], results: list[ExampleRes
     return kept or components
 
 
-def _parts(prepared: _Prepared, store: Store, run_id: str, state_dir: Path) -> tuple[Parts, Evaluator]:
+def _parts(
+    prepared: _Prepared, store: Store, run_id: str, state_dir: Path, egress: RunEgress | None
+) -> tuple[Parts, Evaluator]:
     config, plan = prepared.config, prepared.plan
     opt = config.optimize
     python = resolve_python(prepared.repo)
+    if egress is not None:
+        # Behind the gateway the sandbox gets its base URLs and a placeholder key from the session.
+        model_env = {"CODEEVOLVER_MODEL": plan.task.name, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    else:
+        model_env = program_env(plan, os.environ)
     evaluator = Evaluator(
         config.program.framework,
         config.program.entry,
@@ -206,8 +232,9 @@ def _parts(prepared: _Prepared, store: Store, run_id: str, state_dir: Path) -> t
         config.program.input_keys,
         prepared.sandbox,
         python,
-        program_env(plan, os.environ),
+        model_env,
         config.program.example_timeout_s,
+        policy_hook=egress.program_policy if egress is not None else None,
     )
     workspace = GitWorkspace(prepared.repo, state_dir / "work" / run_id)
     reflection = LanguageModel(plan.reflection, store.add_usage, run_id=run_id)
@@ -222,10 +249,13 @@ def _parts(prepared: _Prepared, store: Store, run_id: str, state_dir: Path) -> t
             workspace,
             entry=config.program.entry,
             metric=config.program.metric,
-            agent_env=program_env(plan, os.environ) | {"PYTHON": str(python)},
+            agent_env=model_env | {"PYTHON": str(python)},
             additional_instructions=opt.additional_instructions,
             max_steps=opt.agent_max_steps,
             timeout_s=opt.agent_timeout_s,
+            reflection_agent=opt.reflection_agent,
+            readonly_paths=python_prefixes(python),
+            policy_hook=egress.agent_policy if egress is not None else None,
         )
     selector = ComponentSelector(
         opt.mutate, opt.prompts_per_code, opt.prompts_per_code_decay_every, opt.code_cutoff_iteration
@@ -277,19 +307,42 @@ def start_run(options: RunOptions, progress: Progress | None = None) -> RunSumma
     with _models(prepared, progress) as plan:
         store = open_store(state_dir, create=True)
         try:
-            return _start(prepared, plan, store, state_dir, progress)
+            with _egress(prepared, plan, store) as egress:
+                return _start(prepared, plan, store, state_dir, progress, egress)
         finally:
             store.close()
 
 
+def _egress(prepared: _Prepared, plan: ModelPlan, store: Store) -> contextlib.AbstractContextManager[Any]:
+    """The run's gateway when the tier isolates the network; none for the unsafe tier."""
+    if not prepared.sandbox.isolated:
+        if prepared.config.sandbox.secrets:
+            raise ConfigError(
+                "[sandbox] secrets are injected by the egress gateway, which the unsafe tier does not have",
+                "use the bwrap or gvisor tier, or remove [sandbox] secrets",
+            )
+        return contextlib.nullcontext(None)
+    from codeevolver.egress import run_egress
+
+    opt = prepared.config.optimize
+    max_usd = Decimal(str(opt.max_usd)) if opt.max_usd is not None else None
+    sandbox = prepared.config.sandbox
+    return run_egress(store, plan, os.environ, sandbox.allow_domains, max_usd, sandbox.secrets)
+
+
 def _start(
-    prepared: _Prepared, plan: ModelPlan, store: Store, state_dir: Path, progress: Progress | None
+    prepared: _Prepared,
+    plan: ModelPlan,
+    store: Store,
+    state_dir: Path,
+    progress: Progress | None,
+    egress: RunEgress | None,
 ) -> RunSummary:
     say = progress or (lambda state: None)
     rows = min(VALIDATION_ROWS, len(prepared.trainset))
     say({"kind": "phase", "message": f"checking the program on {rows} training rows ({plan.task.name})"})
     probe_ws = GitWorkspace(prepared.repo, state_dir / "work" / "preflight")
-    parts, evaluator = _parts(prepared, store, "preflight", state_dir)
+    parts, evaluator = _parts(prepared, store, "preflight", state_dir, egress)
     seed = Candidate(id="c000", components=dict(prepared.components), commit=prepared.head)
     workdir = probe_ws.evaluation_dir(prepared.head)
     try:
@@ -304,6 +357,9 @@ def _start(
     saved["_resolved"] = {"embedded": plan.embedded, "api_base": plan.task.api_base}
     run_id = store.create_run(saved, str(prepared.repo), prepared.head, prepared.config.optimize.seed)
     store.add_evaluations(run_id, seed.id, "train", checked, "validation")
+    if egress is not None:
+        egress.adopt_preflight(run_id)
+        egress.open_sessions(run_id)
     store.add_event(
         run_id,
         "run_started",
@@ -312,7 +368,7 @@ def _start(
             "models": {"task": plan.task.name, "reflection": plan.reflection.name, "agent": plan.agent.name},
         },
     )
-    parts, _ = _parts(prepared, store, run_id, state_dir)
+    parts, _ = _parts(prepared, store, run_id, state_dir, egress)
     engine = _engine(prepared, parts, run_id, state_dir, progress)
     say({"kind": "phase", "message": f"run {run_id}: scoring the seed on {len(prepared.valset)} valset rows"})
     _drive(engine, seed)
@@ -370,8 +426,10 @@ def resume_run(
         )
         store.update_run(run_id, status="running", error=None)
         elapsed = (run.updated_at - run.created_at).total_seconds()
-        with _models(prepared, progress):
-            parts, _ = _parts(prepared, store, run_id, state)
+        with _models(prepared, progress) as plan, _egress(prepared, plan, store) as egress:
+            if egress is not None:
+                egress.open_sessions(run_id)
+            parts, _ = _parts(prepared, store, run_id, state, egress)
             engine = _engine(prepared, parts, run_id, state, progress, elapsed_s=elapsed)
             _drive(engine, None)
         return summarize(store, run_id)
@@ -410,6 +468,7 @@ def summarize(store: Store, run_id: str) -> RunSummary:
             "output_tokens": usage.output_tokens,
             "cached_tokens": usage.cached_tokens,
             "usd": str(usage.cost_usd),
+            "calls_by_purpose": {purpose: totals.calls for purpose, totals in sorted(usage.by_purpose.items())},
         },
     )
 

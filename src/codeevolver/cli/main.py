@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from codeevolver.cli.progress import ProgressPrinter
+from codeevolver.cli.sandbox_cmds import doctor, init_app, sandbox_app
 from codeevolver.errors import CodeEvolverError, GitError, RunNotFound
 
 app = typer.Typer(
@@ -99,7 +100,8 @@ def optimize(
         "optimize.max_minutes": max_minutes,
         "optimize.concurrency": concurrency,
         "optimize.seed": seed,
-        "sandbox.tier": sandbox,
+        # The opt-in alone means "no sandbox"; with --sandbox it only permits an explicit unsafe tier.
+        "sandbox.tier": sandbox or ("unsafe" if dangerously_skip_sandbox else None),
     }
     options = RunOptions(path, overrides, dangerously_skip_sandbox, state_dir)
     printer = ProgressPrinter(err, enabled=not as_json)
@@ -270,6 +272,37 @@ def cancel(run_id: str, path: PathOpt = Path("."), state_dir: StateOpt = None, d
         out.print(f"asked run {run_id} to stop; it saves its state and exits")
 
     _guard(debug, action)
+
+
+@app.command()
+def egress(
+    run_id: str,
+    path: PathOpt = Path("."),
+    state_dir: StateOpt = None,
+    blocked: Annotated[bool, typer.Option("--blocked", help="Only blocked requests.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show a run's egress audit log: every request its sandboxes sent, allowed or blocked."""
+
+    def action() -> None:
+        with _store(path, state_dir) as store:
+            store.get_run(run_id)
+            rows = store.audit(run_id, decision="blocked" if blocked else None)
+            table = Table("time", "sandbox", "candidate", "host", "port", "method", "path", "status", "up", "down",
+                          "decision", "reason")  # fmt: skip
+            for r in rows:
+                table.add_row(f"{r.time:%H:%M:%S}", r.sandbox_id, r.candidate_id or "", r.host, str(r.port or ""),
+                              r.method or "", (r.path or "")[:60], str(r.status or ""), str(r.bytes_up),
+                              str(r.bytes_down), r.decision, r.reason)  # fmt: skip
+            out.print(table)
+            out.print(f"{len(rows)} request(s)", highlight=False)
+
+    _guard(debug, action)
+
+
+app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(init_app, name="init")
+app.command("doctor")(doctor)
 
 
 # ----- helpers -------------------------------------------------------------

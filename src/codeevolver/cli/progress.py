@@ -11,6 +11,7 @@ from rich.text import Text
 
 _EVENTS = {
     "seed_evaluated",
+    "mutation_started",
     "candidate_accepted",
     "candidate_rejected",
     "proposal_skipped",
@@ -44,7 +45,7 @@ class ProgressPrinter:
         line = status_line(state)
         if self.live is not None:
             self.live.update(Text(line))
-            if state["kind"] in _EVENTS - {"proposal_skipped", "proposal_started"}:
+            if state["kind"] in _EVENTS - {"proposal_skipped"}:
                 self.live.console.print(event_line(state), highlight=False, markup=False)
         elif state["kind"] in _EVENTS:
             self.console.print(f"{event_line(state)}  | {line}", highlight=False, soft_wrap=True, markup=False)
@@ -67,7 +68,7 @@ def event_line(s: dict[str, Any]) -> str:
         return f"✓ {d['candidate']} accepted: minibatch {old:g} → {new:g}, val {d['val_score']:.3f}"
     if kind == "candidate_rejected":
         return f"✗ {d['candidate']} rejected: {d['reason'][:120]}"
-    if kind == "proposal_started":
+    if kind == "mutation_started":
         what = "code" if d["component"] == "_code" else f"prompt {d['component']!r}"
         return f"→ {d['candidate']}: changing {what} of {d['parent']} (iteration {d['iteration']})"
     if kind == "seed_evaluated":

@@ -120,10 +120,14 @@ class Engine:
         self.sampler = EpochSampler(len(trainset), settings.minibatch_size, settings.seed)
         self.parent_selector = ParetoParentSelector()
         self.candidates: dict[str, Candidate] = {}
+        # Where a candidate's program runs: a prompt child runs in its parent's export (the prompts
+        # reach the program as arguments), so only code changes ever export a new tree.
+        self._run_commit: dict[str, str] = {}
         self.val: dict[str, dict[int, float]] = {}
         self.iteration = 0
         self.in_flight: dict[asyncio.Task[None], int] = {}
-        self.reserved = 0
+        self.reserved: dict[int, int] = {}
+        """iteration -> metric calls its proposal may still spend (counted against the budget)."""
         self.metric_calls = 0
         self.stop_reason: str | None = None
         self.failures = 0
@@ -158,14 +162,13 @@ class Engine:
 
     def _launch(self) -> None:
         self.iteration += 1
-        self.reserved += self._cost_of_proposal()
+        self.reserved[self.iteration] = self._cost_of_proposal()
         self.store.update_run(self.run_id, iteration=self.iteration)
         task = asyncio.ensure_future(self._propose(self.iteration))
         self.in_flight[task] = self.iteration
 
     def _finish(self, task: asyncio.Task[None]) -> None:
-        self.in_flight.pop(task)
-        self.reserved -= self._cost_of_proposal()
+        self.reserved.pop(self.in_flight.pop(task), None)
         if task.cancelled():
             return
         exc = task.exception()
@@ -196,7 +199,7 @@ class Engine:
             return False
         b = self.budget
         if b.max_metric_calls is not None and (
-            self.metric_calls + self.reserved + self._cost_of_proposal() > b.max_metric_calls
+            self.metric_calls + sum(self.reserved.values()) + self._cost_of_proposal() > b.max_metric_calls
         ):
             return False
         if b.max_usd is not None and self.store.usage_totals(self.run_id).cost_usd >= b.max_usd:
@@ -208,17 +211,19 @@ class Engine:
     async def _propose(self, iteration: int) -> None:
         rng = random.Random(f"{self.settings.seed}:parent:{iteration}")
         parent = self.candidates[self.parent_selector.select(self.val, rng)]
-        component = self.p.selector.choose(parent.id, list(parent.components), iteration)
         batch = self.sampler.batch_at(iteration - 1)
         child_id = self._new_id()
-        self._event(
-            "proposal_started",
-            {"iteration": iteration, "parent": parent.id, "component": component, "candidate": child_id},
-        )
-        before = await self._evaluate(parent, batch, "train", f"{child_id}-parent", traces=True)
+        self._event("proposal_started", {"iteration": iteration, "parent": parent.id, "candidate": child_id})
+        before = await self._evaluate(parent, batch, "train", f"{child_id}-parent", traces=True, iteration=iteration)
         if self.settings.skip_perfect_score and all(r.score >= self.settings.perfect_score for r in before):
             self._event("proposal_skipped", {"candidate": child_id, "reason": "parent perfect on minibatch"})
             return
+        # As in gepa, the component is chosen only once the minibatch shows there is something to fix.
+        component = self.p.selector.choose(parent.id, list(parent.components), iteration)
+        self._event(
+            "mutation_started",
+            {"iteration": iteration, "parent": parent.id, "component": component, "candidate": child_id},
+        )
         examples = [self.trainset[i] for i in batch]
         if component == CODE_COMPONENT:
             child = await self._code_child(parent, child_id, examples, before, iteration)
@@ -227,7 +232,7 @@ class Engine:
         if child is None:
             return
         try:
-            after = await self._evaluate(child, batch, "train", f"{child_id}-child")
+            after = await self._evaluate(child, batch, "train", f"{child_id}-child", iteration=iteration)
         except UserProgramError as exc:
             await self._reject(child, f"the changed program cannot run: {exc.message}", status="failed")
             return
@@ -262,15 +267,21 @@ class Engine:
         if not text.strip() or text.strip() == current.strip():
             await self._reject(child, "the reflection model proposed no change to the prompt")
             return None
-        path = self.p.component_files.get(component)
-        if path:
-            child.commit = await in_thread(
-                self.p.workspace.commit_files,
-                parent.commit,
-                {path: text},
-                f"codeevolver {child_id}: {component}",
-            )
+        # Evaluated in the parent's export; its own commit is written only if it is accepted.
+        self._run_commit[child_id] = self._run_commit.get(parent.id, parent.commit)
         return child
+
+    async def _commit_prompt_child(self, child: Candidate) -> None:
+        """Write the accepted prompt child's component files as a commit on top of its parent."""
+        changed = {
+            path: child.components[name]
+            for name, path in self.p.component_files.items()
+            if child.components.get(name) != self.candidates[child.parents[0]].components.get(name)
+        }
+        if changed:
+            child.commit = await in_thread(
+                self.p.workspace.commit_files, child.commit, changed, f"codeevolver {child.id}: {', '.join(changed)}"
+            )
 
     async def _code_child(
         self,
@@ -329,6 +340,9 @@ class Engine:
             components = {name: inherited.get(name, text) for name, text in found.items()}
         return components
 
+    def _commit_in_use(self, commit: str) -> bool:
+        return any(self._run_commit.get(c.id, c.commit) == commit for c in self.candidates.values())
+
     def _code_history(self) -> list[str]:
         rows = self.store.list_candidates(self.run_id)
         return [
@@ -339,8 +353,10 @@ class Engine:
 
     async def _accept(self, child: Candidate, old: float, new: float) -> None:
         indices = list(range(len(self.valset)))
-        results = await self._evaluate(child, indices, "val", f"{child.id}-val")
+        results = await self._evaluate(child, indices, "val", f"{child.id}-val", iteration=child.iteration)
         scores = {i: r.score for i, r in zip(indices, results, strict=True)}
+        if child.change_type == "prompt":
+            await self._commit_prompt_child(child)
         child.branch = f"codeevolver/{self.run_id}/{child.id}"
         await in_thread(self.p.workspace.set_ref, f"refs/heads/{child.branch}", child.commit)
         self.store.add_candidate(self.run_id, child, "accepted", val_score=mean_score(scores))
@@ -355,16 +371,27 @@ class Engine:
 
     async def _reject(self, child: Candidate, reason: str, status: str = "rejected") -> None:
         self.store.add_candidate(self.run_id, child, status, reason=reason)
+        self._run_commit.pop(child.id, None)
+        if child.change_type == "code" and not self._commit_in_use(child.commit):
+            await in_thread(self.p.workspace.drop_export, child.commit)
         self._event("candidate_rejected", {"candidate": child.id, "reason": reason})
 
     async def _evaluate(
-        self, cand: Candidate, indices: list[int], split: str, batch_id: str, traces: bool = False
+        self,
+        cand: Candidate,
+        indices: list[int],
+        split: str,
+        batch_id: str,
+        traces: bool = False,
+        iteration: int | None = None,
     ) -> list[ExampleResult]:
         rows = self.trainset if split == "train" else self.valset
-        workdir = await in_thread(self.p.workspace.evaluation_dir, cand.commit)
+        workdir = await in_thread(self.p.workspace.evaluation_dir, self._run_commit.get(cand.id, cand.commit))
         examples = [(i, rows[i]) for i in indices]
         results = await in_thread(self.p.evaluator.evaluate, workdir, cand.components, examples, traces)
         self.metric_calls = self.store.add_evaluations(self.run_id, cand.id, split, results, batch_id)
+        if iteration in self.reserved:  # these calls are now counted in metric_calls
+            self.reserved[iteration] = max(0, self.reserved[iteration] - len(indices))
         return results
 
     # ----- state ----------------------------------------------------------
@@ -388,7 +415,14 @@ class Engine:
         self.iteration = run.iteration
         self.metric_calls = run.metric_calls
         rows = self.store.list_candidates(self.run_id)
-        self._next_id = len(rows)
+        # Ids of proposals that were skipped or cut short by a kill have no row: never reuse them.
+        used = [row.id for row in rows] + [
+            str(event.data.get("candidate", ""))
+            for event in self.store.events(self.run_id)
+            if event.kind == "proposal_started"
+        ]
+        numbers = [int(cid[1:]) for cid in used if cid[:1] == "c" and cid[1:].isdigit()]
+        self._next_id = max(numbers, default=-1) + 1
         scores = self.store.val_scores(self.run_id)
         for row in rows:
             if row.status in ("seed", "accepted") and row.id in scores:

@@ -102,6 +102,8 @@ class LanguageModel:
             kwargs["max_tokens"] = self.spec.max_tokens
         if tools:
             kwargs["tools"] = list(tools)
+            # llama.cpp's function-calling format ignores tools unless tool_choice is sent.
+            kwargs["tool_choice"] = "auto"
         try:
             response = litellm.completion(**kwargs)
         except Exception as exc:  # litellm raises many types; translate them all here

@@ -17,6 +17,7 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -139,6 +140,8 @@ class EmbeddedModelServer:
         self.ready_timeout_s = ready_timeout_s
         self.port: int | None = None
         self.process: subprocess.Popen[bytes] | None = None
+        self._temp_dir: Path | None = None
+        """The log's folder when we made it: removed on a clean stop, kept after a failed start."""
 
     @property
     def api_base(self) -> str:
@@ -170,7 +173,8 @@ class EmbeddedModelServer:
         if problem or gguf is None:
             raise ModelError(problem or "no GGUF", INSTALL_FIX)
         if self.log_path is None:
-            self.log_path = Path(tempfile.mkdtemp(prefix="codeevolver-smollm2-")) / "server.log"
+            self._temp_dir = Path(tempfile.mkdtemp(prefix="codeevolver-smollm2-"))
+            self.log_path = self._temp_dir / "server.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
         command = [
@@ -191,6 +195,7 @@ class EmbeddedModelServer:
         try:
             self._wait_ready()
         except BaseException:
+            self._temp_dir = None  # the error message points at the log: keep it
             self.stop()
             raise
         return self
@@ -225,15 +230,16 @@ class EmbeddedModelServer:
         """SIGTERM the server's process group, SIGKILL it after ``grace_s``, and reap it."""
         process, self.process = self.process, None
         atexit.unregister(self.stop)
-        if process is None:
-            return
-        if process.poll() is None:
+        if process is not None and process.poll() is None:
             self._signal(process, signal.SIGTERM)
             try:
                 process.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 self._signal(process, signal.SIGKILL)
                 process.wait()
+        if self._temp_dir is not None:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+            self._temp_dir = self.log_path = None
 
     @staticmethod
     def _signal(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:

@@ -175,5 +175,12 @@ class GitWorkspace:
     def diff(self, old: str, new: str) -> str:
         return git("diff", "--no-ext-diff", "--no-textconv", old, new, cwd=self.repo)
 
+    def drop_export(self, commit: str) -> None:
+        """Delete the cached evaluation export of ``commit`` (a rejected candidate's)."""
+        with self._lock:
+            path = self._exports.pop(commit, None)
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
+
     def remove(self, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
