@@ -104,6 +104,18 @@ def test_failed_code_change_is_rejected_and_run_goes_on(tmp_path: Path) -> None:
     assert result["metric_calls"] > 60  # the run went on after the failed code changes
 
 
+def test_code_change_that_breaks_the_import_is_rejected_with_the_reason(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo")
+    breaks = "echo 'def broken(:' >> router/pipeline.py && echo lower >> router/pipeline.py"
+    world = RouterWorld(reflection_prompt=BAD_PROMPT, agent_command=breaks)
+    with ScriptedOpenAIServer(world) as server:
+        result = optimize(repo, server, "--mutate", "code", "--max-metric-calls", "130")
+    with store_of(repo) as store:
+        failed = store.list_candidates(result["run_id"], status="failed")
+    assert failed and all("cannot load" in (c.reason or "") and "SyntaxError" in (c.reason or "") for c in failed)
+    assert result["status"] == "finished" and result["best_candidate"] == "c000"
+
+
 def test_four_proposals_in_flight_at_once(tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "repo")
     world = RouterWorld(reflection_prompt=BAD_PROMPT, reflection_delay_s=1.0)

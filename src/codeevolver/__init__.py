@@ -3,6 +3,8 @@
 The public API is small; everything else is internal and may change.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from codeevolver.errors import (
     CodeEvolverError,
     ConfigError,
@@ -14,9 +16,24 @@ from codeevolver.errors import (
     StoreError,
     UserProgramError,
 )
-from codeevolver.session import RunOptions, RunSummary, resume_run, start_run
 
 __version__ = "0.1.0"
+
+_SESSION_NAMES = ("RunOptions", "RunSummary", "resume_run", "start_run")
+
+
+def __getattr__(name: str) -> Any:
+    """Import the run API on first use: the sandbox launcher and the user runner import this
+    package too, and must not pay for SQLAlchemy, alembic and litellm at every start."""
+    if name in _SESSION_NAMES:
+        from codeevolver import session
+
+        return getattr(session, name)
+    raise AttributeError(f"module 'codeevolver' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from codeevolver.session import RunOptions, RunSummary, resume_run, start_run
 
 __all__ = [
     "CodeEvolverError",

@@ -1,4 +1,4 @@
-"""A run's only way out: one egress gateway with a session for the program and one for the agent.
+"""A run's only way out: one egress gateway, a session for the program and one per code mutation.
 
 The sandboxed program and the agent's commands reach their model through the
 gateway's LLM routes with a placeholder key; the real key stays in this process.
@@ -101,13 +101,12 @@ class RunEgress:
     secrets: dict[str, dict[str, str]] = field(default_factory=dict)
     run_id: str = PREFLIGHT
     program: GatewaySession | None = None
-    agent: GatewaySession | None = None
     max_usd: Decimal | None = None
     _held_audit: list[AuditRow] = field(default_factory=list)
     _held_usage: list[UsageRecord] = field(default_factory=list)
 
     def open_sessions(self, run_id: str) -> None:
-        """(Re)open the program and agent sessions for ``run_id``."""
+        """(Re)open the program's session for ``run_id``; agents get one per mutation."""
         self.close_sessions()
         self.run_id = run_id
         self.program = self.gateway.open_session(
@@ -118,28 +117,33 @@ class RunEgress:
             llm_routes=self.routes,
             secrets=self.secrets,
         )
-        self.agent = self.gateway.open_session(
-            "agent",
-            run_id=run_id,
-            purpose="agent",
-            allow=self.allow,
-            llm_routes=self.routes,
-            secrets=self.secrets,
-        )
 
     def close_sessions(self) -> None:
-        for session in (self.program, self.agent):
-            if session is not None:
-                self.gateway.close_session(session)
-        self.program = self.agent = None
+        if self.program is not None:
+            self.gateway.close_session(self.program)
+        self.program = None
 
     def program_policy(self, policy: SandboxPolicy) -> SandboxPolicy:
         assert self.program is not None, "open_sessions first"
         return self.program.apply(policy)
 
-    def agent_policy(self, policy: SandboxPolicy) -> SandboxPolicy:
-        assert self.agent is not None, "open_sessions first"
-        return self.agent.apply(policy)
+    @contextlib.contextmanager
+    def agent_session(self, policy: SandboxPolicy, candidate_id: str) -> Iterator[SandboxPolicy]:
+        """A session of its own for one code mutation, so its model calls and requests are
+        metered and audited under the candidate, and nothing outlives the agent."""
+        session = self.gateway.open_session(
+            f"agent-{candidate_id}",
+            run_id=self.run_id,
+            candidate_id=candidate_id,
+            purpose="agent",
+            allow=self.allow,
+            llm_routes=self.routes,
+            secrets=self.secrets,
+        )
+        try:
+            yield session.apply(policy)
+        finally:
+            self.gateway.close_session(session)
 
     def adopt_preflight(self, run_id: str) -> None:
         """Write what the seed check sent, before the run existed, into the run's records."""

@@ -214,6 +214,22 @@ def _drop_unused_predictors(components: dict[str, str], results: list[ExampleRes
     return kept or components
 
 
+def _check_agent_route(agent: str, egress: RunEgress | None) -> None:
+    """The Claude Code CLI reaches its model only through the gateway's Anthropic route."""
+    if agent != "claude":
+        return
+    if egress is None:
+        raise ConfigError(
+            "coding_agent 'claude' runs the Claude Code CLI behind the egress gateway, which the unsafe tier lacks",
+            'use --sandbox bwrap, or coding_agent = "mini"',
+        )
+    if "anthropic" not in egress.routes:
+        raise ConfigError(
+            "coding_agent 'claude' needs an Anthropic Messages endpoint and this run has none",
+            "set ANTHROPIC_API_KEY, or point --api-base at an OpenAI-compatible server (the gateway translates)",
+        )
+
+
 def _parts(
     prepared: _Prepared, store: Store, run_id: str, state_dir: Path, egress: RunEgress | None
 ) -> tuple[Parts, Evaluator]:
@@ -241,6 +257,7 @@ def _parts(
     prompt_proposer = PromptProposer(reflection, opt.additional_instructions)
     code_proposer = None
     if opt.mutate != "prompts":
+        _check_agent_route(opt.coding_agent, egress)
         code_proposer = CodeProposer(
             reflection,
             LanguageModel(plan.agent, store.add_usage, run_id=run_id),
@@ -255,7 +272,7 @@ def _parts(
             timeout_s=opt.agent_timeout_s,
             reflection_agent=opt.reflection_agent,
             readonly_paths=python_prefixes(python),
-            policy_hook=egress.agent_policy if egress is not None else None,
+            agent_session=egress.agent_session if egress is not None else None,
         )
     selector = ComponentSelector(
         opt.mutate, opt.prompts_per_code, opt.prompts_per_code_decay_every, opt.code_cutoff_iteration

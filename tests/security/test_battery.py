@@ -257,7 +257,11 @@ def test_git_hooks_and_fsmonitor_written_inside_never_run_on_the_host(sandbox, t
     assert commit is not None
     workspace.diff(head, commit)
     assert not marker.exists()
-    assert git("config", "--get", "core.fsmonitor", cwd=root, check=False).strip() == ""
+    # The repository's own config never picked up what the candidate wrote (read with plain git,
+    # not our wrapper, which forces core.fsmonitor=false on every call).
+    plain = subprocess.run(["git", "config", "--local", "--list"], cwd=root, capture_output=True, text=True)
+    assert "fsmonitor" not in plain.stdout and "hookspath" not in plain.stdout.lower()
+    assert not (root / ".git" / "hooks" / "pre-commit").exists()
 
 
 def test_a_repos_own_git_dir_is_read_only_inside(sandbox: Sandbox, tmp_path: Path, repo):

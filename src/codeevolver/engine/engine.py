@@ -335,8 +335,9 @@ class Engine:
             text = self.p.workspace.read_file(commit, path)
             if text is not None:
                 components[name] = text
+        # Loading the program and metric catches a broken import before any example is spent on it.
+        found = self.p.evaluator.describe(self.p.workspace.evaluation_dir(commit))
         if self.p.framework == "dspy":
-            found = self.p.evaluator.describe(self.p.workspace.evaluation_dir(commit))
             components = {name: inherited.get(name, text) for name, text in found.items()}
         return components
 

@@ -80,7 +80,9 @@ def _litellm_adapters() -> tuple[Any, Any]:
     """litellm's Anthropic<->OpenAI adapters, imported on first use (in a worker thread: it takes seconds)."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     # litellm's TypedDicts make pydantic warn once per type on first use; it says nothing to an operator.
-    warnings.filterwarnings("ignore", r"Item '\w+' on TypedDict class '\w+' is using the `ReadOnly`", UserWarning)
+    warnings.filterwarnings(
+        "ignore", r"Items? '.+' on TypedDict class '\w+' (is|are) using the `ReadOnly`", UserWarning
+    )
     import litellm.anthropic_interface.exceptions.exception_mapping_utils  # noqa: F401 - used on the loop later
     from litellm.llms.anthropic.messages.adapters.transformation import (
         AnthropicAdapter,

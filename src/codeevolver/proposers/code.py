@@ -10,13 +10,15 @@ the orchestrator then commits the directory with git plumbing (no hooks).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from codeevolver.agents.base import AgentTask, CodingAgent
+from codeevolver.agents.base import AgentResult, AgentTask, CodingAgent
 from codeevolver.models.base import LanguageModel
 from codeevolver.proposers.reflection_agent import (
     MAX_STEPS,
@@ -82,18 +84,19 @@ class CodeProposer:
         max_steps: int = 30,
         timeout_s: float = 900.0,
         readonly_paths: tuple[Path, ...] = (),
-        policy_hook: Callable[[SandboxPolicy], SandboxPolicy] | None = None,
+        agent_session: Callable[[SandboxPolicy, str], AbstractContextManager[SandboxPolicy]] | None = None,
         reflection_agent: bool = True,
         reflection_steps: int = MAX_STEPS,
     ) -> None:
-        """``readonly_paths`` (the user's interpreter) and ``policy_hook`` (the gateway) shape the agent's sandbox.
+        """``readonly_paths`` (the user's interpreter) and ``agent_session`` (a gateway session
+        per candidate) shape the agent's sandbox.
 
         ``reflection_agent`` picks the read-only tool loop over the single reflection call
         (``[optimize] reflection_agent``); ``reflection_steps`` caps its tool calls.
         """
         self.reflection_agent = ReflectionAgent(reflection_lm, reflection_steps) if reflection_agent else None
         self.readonly_paths = readonly_paths
-        self.policy_hook = policy_hook
+        self.agent_session = agent_session
         self.reflection_lm = reflection_lm
         self.agent_lm = agent_lm
         self.agent = agent
@@ -187,22 +190,9 @@ class CodeProposer:
             readonly_paths=self.readonly_paths,
             timeout_s=min(120.0, self.timeout_s),
         )
-        if self.policy_hook is not None:
-            policy = self.policy_hook(policy)
-        task = AgentTask(
-            change_request=request,
-            worktree=worktree,
-            sandbox=self.sandbox,
-            policy=policy,
-            model=self.agent_lm,
-            candidate_id=candidate_id,
-            max_steps=self.max_steps,
-            timeout_s=self.timeout_s,
-            entry=self.entry,
-            metric=self.metric,
-            python=self.agent_env.get("PYTHON", "python3"),
-        )
-        result = self.agent.run(task)
+        session = self.agent_session(policy, candidate_id) if self.agent_session else contextlib.nullcontext(policy)
+        with session as policy:
+            result = self._run_agent(request, worktree, policy, candidate_id)
         if not result.ok:
             return CodeChange(
                 None,
@@ -221,3 +211,19 @@ class CodeProposer:
                 transcript=result.transcript,
             )
         return CodeChange(commit, request, summary=result.summary, transcript=result.transcript)
+
+    def _run_agent(self, request: str, worktree: Path, policy: SandboxPolicy, candidate_id: str) -> AgentResult:
+        task = AgentTask(
+            change_request=request,
+            worktree=worktree,
+            sandbox=self.sandbox,
+            policy=policy,
+            model=self.agent_lm,
+            candidate_id=candidate_id,
+            max_steps=self.max_steps,
+            timeout_s=self.timeout_s,
+            entry=self.entry,
+            metric=self.metric,
+            python=self.agent_env.get("PYTHON", "python3"),
+        )
+        return self.agent.run(task)

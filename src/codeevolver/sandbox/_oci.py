@@ -31,9 +31,10 @@ SANDBOX_UID = 65534
 GATEWAY_PATH = INSIDE_SOCKET
 """Where the gateway's unix socket appears inside the sandbox (where bwrap's socat fallback puts it too)."""
 BRIDGE_PYTHON = "/usr/bin/python3"
+SET_ID = (0o4000, 0o2000)
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
-DEFAULT_PIDS = 128
-"""Processes allowed when the policy sets none: a fork bomb must never reach the host."""
+DEFAULT_PIDS = 512
+"""Processes (threads count too) allowed when the policy sets none, as in the bwrap tier."""
 SENTRY_MB = 32
 """Headroom for gVisor's own kernel, charged to the same cgroup as the command (measured: a
 128 MB limit without it let a command hold ~115 MB; an 8 MB one killed runsc itself)."""
@@ -92,11 +93,12 @@ def policy_mounts(policy: SandboxPolicy) -> list[dict[str, Any]]:
 
 
 def system_mounts(policy: SandboxPolicy) -> list[dict[str, Any]]:
-    """proc, private /dev, size-capped /tmp, an empty /sys, the host's /usr and public /etc files read-only."""
+    """proc, private /dev, size-capped /tmp and /dev/shm, an empty /sys; host /usr and public /etc read-only."""
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "noexec", "mode=755"]},
         _tmpfs("/tmp", policy.tmp_mb, "1777"),
+        _tmpfs("/dev/shm", policy.tmp_mb, "1777"),  # POSIX semaphores (multiprocessing) live here
         # gVisor mounts its own sysfs unless told otherwise; the policy says no /sys
         {"destination": "/sys", "type": "tmpfs", "source": "tmpfs", "options": ["ro", "nosuid", "nodev", "noexec"]},
         {"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro", "nosuid", "nodev"]},
@@ -148,6 +150,9 @@ def seccomp_profile() -> dict[str, Any]:
         deny("ioctl", index=1, value=0xFFFFFFFF, valueTwo=request, op="SCMP_CMP_MASKED_EQ")
         for request in rules["ioctls"]
     ]
+    for name, index in rules["mode_args"].items():  # no set-id bits, as in bwrap (fchmodat2 is unknown here)
+        if name.isidentifier():
+            syscalls += [deny(name, index=index, value=bit, valueTwo=bit, op="SCMP_CMP_MASKED_EQ") for bit in SET_ID]
     arch = {"x86_64": "SCMP_ARCH_X86_64", "aarch64": "SCMP_ARCH_AARCH64"}.get(platform.machine(), "SCMP_ARCH_NATIVE")
     return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": [arch], "syscalls": syscalls}
 
@@ -171,6 +176,7 @@ def command(policy: SandboxPolicy, argv: Sequence[str], bridge_source: str) -> l
 def build_spec(policy: SandboxPolicy, args: Sequence[str]) -> dict[str, Any]:
     """The whole ``config.json`` for one command under ``policy``."""
     env = sandbox_env(policy)
+    processes = policy.pids or DEFAULT_PIDS
     return {
         "ociVersion": "1.0.2",
         "root": {"path": "rootfs", "readonly": True},
@@ -183,6 +189,9 @@ def build_spec(policy: SandboxPolicy, args: Sequence[str]) -> dict[str, Any]:
             "cwd": os.path.abspath(policy.workdir),
             "noNewPrivileges": True,
             "capabilities": CAPABILITIES,
+            # gVisor's pids cgroup counts the sentry's host threads, not the command's processes;
+            # RLIMIT_NPROC, enforced by gVisor's own kernel for the sandbox's uid, caps those.
+            "rlimits": [{"type": "RLIMIT_NPROC", "hard": processes, "soft": processes}],
         },
         "mounts": system_mounts(policy) + policy_mounts(policy),
         "linux": {
