@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -214,6 +215,12 @@ def test_kill_9_then_resume_loses_nothing(tmp_path: Path) -> None:
             before = {c.id: c for c in store.list_candidates(run_id) if c.status in ("seed", "accepted")}
             calls_before = store.get_run(run_id).metric_calls
             assert store.get_run(run_id).status == "running"
+        # Ten minutes later the killed run has not beaten since: status and runs say so.
+        with sqlite3.connect(repo / ".codeevolver" / "runs.db") as db:
+            db.execute("UPDATE runs SET updated_at = datetime(updated_at, '-10 minutes') WHERE id = ?", (run_id,))
+        shown = run_cli("status", run_id, "--path", str(repo))
+        assert shown.returncode == 0 and f"codeevolver resume {run_id}" in shown.stdout, shown.stdout
+        assert "running? (silent 10m" in run_cli("runs", "--path", str(repo)).stdout.replace("\n", "")
         resumed = run_cli("resume", run_id, "--path", str(repo), "--json")
         assert resumed.returncode == 0, resumed.stderr
         summary = json.loads(resumed.stdout.strip().splitlines()[-1])

@@ -10,6 +10,7 @@ import json
 import sys
 import traceback
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -141,7 +142,7 @@ def runs(path: PathOpt = Path("."), state_dir: StateOpt = None, debug: DebugOpt 
             for run in store.list_runs():
                 table.add_row(
                     run.id,
-                    run.status,
+                    _status_of(run),
                     f"{run.created_at:%Y-%m-%d %H:%M}",
                     str(run.metric_calls),
                     _fmt(run.seed_score),
@@ -173,6 +174,11 @@ def status(
                 out.print_json(json.dumps(summary.to_json() | {"iteration": run.iteration, "error": run.error}))
                 return
             _print_summary(summary, False)
+            if _status_of(run) != run.status:
+                out.print(
+                    f"[yellow]no sign of life for {_silence(run)}: if its process died, "
+                    f"`codeevolver resume {rid}` continues it[/yellow]"
+                )
             out.print(f"iterations: {run.iteration}   error: {run.error or '-'}")
             for event in store.events(rid)[-8:]:
                 out.print(f"  {event.time:%H:%M:%S} {event.kind} {json.dumps(event.data)[:150]}", highlight=False)
@@ -363,6 +369,24 @@ def _show_candidate(store: Any, run_id: str, cand_id: str) -> None:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+STALE_AFTER_S = 120
+"""A running run silent this long (its engine beats every 15 s) has probably lost its process."""
+
+
+def _silence(run: Any) -> str:
+    seconds = int((datetime.now(UTC) - run.updated_at).total_seconds())
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _status_of(run: Any) -> str:
+    """The stored status, with running runs that stopped beating marked as probably dead."""
+    if run.status in ("running", "cancelling"):
+        silent = (datetime.now(UTC) - run.updated_at).total_seconds()
+        if silent > STALE_AFTER_S:
+            return f"{run.status}? (silent {_silence(run)})"
+    return str(run.status)
 
 
 def _print_summary(summary: Any, as_json: bool) -> None:

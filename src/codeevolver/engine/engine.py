@@ -37,6 +37,8 @@ from codeevolver.types import CODE_COMPONENT, Candidate, ExampleResult
 from codeevolver.workspace.git import GitWorkspace
 
 T = TypeVar("T")
+HEARTBEAT_S = 15.0
+"""How often a running engine touches its run row (``status`` flags runs silent for long)."""
 MAX_CONSECUTIVE_FAILURES = 5
 
 
@@ -133,6 +135,7 @@ class Engine:
         self.failures = 0
         self._next_id = 0
         self._started = time.monotonic()
+        self._last_beat = self._started
 
     # ----- the loop -------------------------------------------------------
 
@@ -151,7 +154,15 @@ class Engine:
             for task in done:
                 self._finish(task)
             self._report()
+            self._heartbeat()
         return self._close()
+
+    def _heartbeat(self) -> None:
+        """Touch the run now and then, so ``status`` can tell a live run from a killed one."""
+        now = time.monotonic()
+        if now - self._last_beat >= HEARTBEAT_S:
+            self._last_beat = now
+            self.store.update_run(self.run_id)
 
     def request_stop(self, reason: str) -> None:
         """Stop launching; cancel proposals in flight (nothing accepted is lost)."""
