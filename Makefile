@@ -46,6 +46,7 @@ bench: $(VENV)/.installed-all
 	$(PY) bench/gepa_parity.py
 	$(PY) bench/sandbox_start.py
 	$(PY) bench/gateway.py
+	$(PY) bench/agent_step.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache

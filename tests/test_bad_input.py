@@ -93,7 +93,7 @@ CASES = [
     Case("unwritable state dir", r"state directory", args=("--state-dir", "/proc/version/state")),
     Case("unknown sandbox tier", r"unknown sandbox tier 'moon'", args=("--sandbox", "moon")),
     Case("bad --mutate", r"--mutate 'everything'", args=("--mutate", "everything")),
-    Case("secret from an unset variable", r"needs the environment variable CE_TEST_UNSET_TOKEN",
+    Case("secret from an unset variable", r"need the environment variable CE_TEST_UNSET_TOKEN",
          append_toml('[sandbox]\nsecrets = {"api.github.com" = "Authorization: Bearer ${CE_TEST_UNSET_TOKEN}"}')),
     Case("resume unknown run", r"no run 'r-nope'|no CodeEvolver runs", command="resume"),
 ]  # fmt: skip
