@@ -29,7 +29,7 @@ from codeevolver.agents.task_prompt import ARCHITECTURE_FILE, render_task
 from codeevolver.errors import ModelError
 from codeevolver.gateway import EgressGateway, GatewaySession, LLMUpstream, Prices, static_resolver
 from codeevolver.models.base import LanguageModel, ModelSpec
-from codeevolver.sandbox import attach
+from codeevolver.sandbox import attach, get_sandbox
 from codeevolver.sandbox.base import SandboxPolicy
 from codeevolver.sandbox.bwrap import BwrapSandbox
 from codeevolver.store.rows import AuditRow
@@ -195,14 +195,16 @@ def no_descendants_soon() -> list[str]:
 # -- end to end ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("tier", ["bwrap", "gvisor"])
 def test_reads_edits_self_checks_and_is_metered_by_the_gateway(
-    gateway: EgressGateway, ledger: Ledger, workspace: GitWorkspace, repo: Path, worktree: Path
+    gateway: EgressGateway, ledger: Ledger, workspace: GitWorkspace, repo: Path, worktree: Path, tier: str
 ) -> None:
     replies = [read("parse.py"), edit, bash(SELF_CHECK), say("Made parse() strip whitespace around each field.")]
     with ScriptedAnthropicServer(agent_turns(replies, worktree), api_key=REAL_KEY) as server:
         session = open_session(gateway, server.url)
         started = time.monotonic()
-        result = ClaudeCodeAgent(max_retries=0).run(make_task(worktree, session))
+        task = make_task(worktree, session, sandbox=get_sandbox(tier))
+        result = ClaudeCodeAgent(max_retries=0).run(task)
         elapsed = time.monotonic() - started
         assert gateway.flush()
 
@@ -240,7 +242,7 @@ def test_reads_edits_self_checks_and_is_metered_by_the_gateway(
     assert steps[-1]["role"] == "exit" and steps[-1]["content"].startswith("success")
     assert REAL_KEY not in text
     assert no_descendants_soon() == []
-    print(f"claude agent, 4 model turns in bwrap: {elapsed:.2f} s")
+    print(f"claude agent, 4 model turns in {tier}: {elapsed:.2f} s")
 
 
 def test_prompt_injection_cannot_leak_the_key(

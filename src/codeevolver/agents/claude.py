@@ -55,7 +55,7 @@ CLI_ENV = {
     "GIT_PAGER": "cat",
     "PAGER": "cat",
 }
-ATTACHED_TIERS = ("bwrap", "unsafe")
+ATTACHED_TIERS = ("bwrap", "gvisor", "unsafe")
 TRANSCRIPT_CHARS = 6000
 """Each transcript entry keeps at most this many characters (head and tail)."""
 STDERR_LINES = 40

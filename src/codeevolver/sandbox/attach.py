@@ -143,7 +143,7 @@ def run_attached(tier: str, argv: Sequence[str], policy: SandboxPolicy) -> Comma
         return result
     if tier == "unsafe":
         return _run_unsafe(argv, policy)
-    raise SandboxError(f"the {tier} tier cannot run an attached command yet", "use the bwrap tier")
+    raise SandboxError(f"the {tier} tier cannot run an attached command yet", "use the bwrap or gvisor tier")
 
 
 def _run_unsafe(argv: Sequence[str], policy: SandboxPolicy) -> CommandResult:

@@ -83,6 +83,13 @@ class GvisorSandbox:
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
 
     def run(self, argv: Sequence[str], policy: SandboxPolicy, stdin: bytes | None = None) -> CommandResult:
+        return self._run(argv, policy, stdin, attached=False)
+
+    def run_attached(self, argv: Sequence[str], policy: SandboxPolicy) -> CommandResult:
+        """Run with our stdin/stdout/stderr handed to runsc (for ``codeevolver.sandbox.attach``)."""
+        return self._run(argv, policy, None, attached=True)
+
+    def _run(self, argv: Sequence[str], policy: SandboxPolicy, stdin: bytes | None, *, attached: bool) -> CommandResult:
         if not argv:
             raise SandboxError("nothing to run: empty command", "pass the command to run")
         if not Path(policy.workdir).is_dir():
@@ -99,7 +106,7 @@ class GvisorSandbox:
             spec = _oci.build_spec(policy, _oci.command(policy, argv, _BRIDGE_SOURCE))
             (bundle / "config.json").write_text(json.dumps(spec))
             cmd = [runsc, *self._flags(policy), "run", "--bundle", str(bundle), cid]
-            out, err, code, timed_out = self._supervise(cmd, cid, stdin, policy.timeout_s)
+            out, err, code, timed_out = self._supervise(cmd, cid, stdin, policy.timeout_s, attached)
         if code == 128 and any(marker in err for marker in _STARTUP_ERRORS):
             return _start_failure(err, argv, started)
         return CommandResult(
@@ -127,15 +134,18 @@ class GvisorSandbox:
         return flags
 
     def _supervise(
-        self, cmd: list[str], cid: str, stdin: bytes | None, timeout_s: float | None
+        self, cmd: list[str], cid: str, stdin: bytes | None, timeout_s: float | None, attached: bool = False
     ) -> tuple[bytes, str, int, bool]:
-        """Run runsc with piped output (a shared file loses it), kill and delete on timeout or error."""
+        """Run runsc with piped output (a shared file loses it), kill and delete on timeout or error.
+
+        Attached, runsc gets our own stdio instead and nothing is captured."""
+        pipe = None if attached else subprocess.PIPE
         try:
             proc = subprocess.Popen(
                 cmd,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                stdin=pipe,
+                stdout=pipe,
+                stderr=pipe,
                 env={"PATH": _oci.DEFAULT_PATH},
                 start_new_session=True,
             )
@@ -146,7 +156,7 @@ class GvisorSandbox:
         timed_out = False
         try:
             try:
-                out, err = proc.communicate(stdin, timeout=timeout_s)
+                out, err = proc.communicate(None if attached else stdin, timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
                 _runsc_quiet(self.state_dir, "kill", "--all", cid, "KILL")
@@ -167,7 +177,7 @@ class GvisorSandbox:
             with _live_lock:
                 _live.pop(cid, None)
         code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode  # runsc itself killed
-        return out, err.decode("utf-8", "replace"), code, timed_out
+        return out or b"", (err or b"").decode("utf-8", "replace"), code, timed_out
 
 
 def _start_failure(err: str, argv: Sequence[str], started: float) -> CommandResult:
