@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,23 @@ def test_usd_budget_stops_the_run(tmp_path: Path) -> None:
     assert result["usage"]["calls_by_purpose"]["reflection"] == 1
     assert float(result["usage"]["usd"]) > 0.00001
     assert result["metric_calls"] < 100
+
+
+def test_model_prices_bill_a_self_hosted_model_everywhere(tmp_path: Path) -> None:
+    def priced(repo: Path) -> None:
+        with (repo / "codeevolver.toml").open("a") as handle:
+            handle.write("\n[optimize.model_prices]\nscripted = { input = 2.0, output = 8.0 }\n")
+
+    repo = make_repo(tmp_path / "repo", priced)
+    with ScriptedOpenAIServer(RouterWorld(reflection_prompt=BAD_PROMPT)) as server:
+        result = optimize(repo, server, "--mutate", "prompts", "--max-metric-calls", "100", "--concurrency", "1")
+    with store_of(repo) as store:
+        totals = store.usage_totals(result["run_id"])
+    by_purpose = totals.by_purpose
+    for purpose in ("task", "reflection"):  # the program's calls (metered by the gateway) and ours
+        used = by_purpose[purpose]
+        expected = (Decimal(2) * (used.input_tokens + used.cached_tokens) + Decimal(8) * used.output_tokens) / 10**6
+        assert used.calls > 0 and used.cost_usd == expected, (purpose, used)
 
 
 def test_time_budget_stops_the_run(tmp_path: Path) -> None:

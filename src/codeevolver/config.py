@@ -23,6 +23,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ModelPrice(_Section):
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
 class ProgramConfig(_Section):
     framework: Literal["python", "dspy"]
     entry: str
@@ -65,6 +70,11 @@ class OptimizeConfig(_Section):
         True,
         description="Code mutations: let the reflection model read the repository with read-only tools before "
         "writing the change request; false (or a model without tool calls) uses one reflection call.",
+    )
+    model_prices: dict[str, ModelPrice] = Field(
+        default_factory=dict,
+        description="US dollars per million tokens for models litellm does not price (self-hosted, fine-tuned): "
+        '{ "qwen2.5-coder" = { input = 0.2, output = 0.6 } }; also what the gateway bills their calls at',
     )
     agent_max_steps: int = Field(30, ge=1)
     agent_timeout_s: float = Field(900.0, gt=0)

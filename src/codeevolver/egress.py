@@ -34,7 +34,8 @@ def llm_routes(plan: ModelPlan, env: Mapping[str, str]) -> dict[str, LLMUpstream
     routes: dict[str, LLMUpstream] = {}
     if task.api_base or not task.name.startswith("anthropic/"):
         key = task.api_key or env.get("OPENAI_API_KEY", "")
-        routes["openai"] = LLMUpstream(task.api_base or env.get("OPENAI_BASE_URL") or OPENAI_URL, key, "openai")
+        base = task.api_base or env.get("OPENAI_BASE_URL") or OPENAI_URL
+        routes["openai"] = LLMUpstream(base, key, "openai", prices=_prices(task))
     if env.get("ANTHROPIC_API_KEY"):
         base = env.get("ANTHROPIC_BASE_URL") or ANTHROPIC_URL
         routes["anthropic"] = LLMUpstream(base, env["ANTHROPIC_API_KEY"], "anthropic")
@@ -55,11 +56,15 @@ def _anthropic_onto_openai(agent: ModelSpec, env: Mapping[str, str]) -> LLMUpstr
         return None  # another litellm provider (anthropic/, gemini/, bedrock/ …): no chat-completions URL here
     base = agent.api_base or env.get("OPENAI_BASE_URL") or OPENAI_URL
     key = agent.api_key or env.get("OPENAI_API_KEY", "")
-    prices = None
-    if agent.input_usd_per_m is not None and agent.output_usd_per_m is not None:
-        prices = Prices(agent.input_usd_per_m, agent.output_usd_per_m)
     model = agent.name.removeprefix("openai/")
-    return LLMUpstream(base, key, "anthropic", prices=prices, upstream_protocol="openai", model=model)
+    return LLMUpstream(base, key, "anthropic", prices=_prices(agent), upstream_protocol="openai", model=model)
+
+
+def _prices(spec: ModelSpec) -> Prices | None:
+    """The operator's prices for the model (``[optimize] model_prices``); None: litellm's table."""
+    if spec.input_usd_per_m is None or spec.output_usd_per_m is None:
+        return None
+    return Prices(spec.input_usd_per_m, spec.output_usd_per_m)
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

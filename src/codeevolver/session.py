@@ -27,7 +27,14 @@ from codeevolver.engine.selection import ComponentSelector
 from codeevolver.errors import ConfigError, SandboxError, StoreError, UserProgramError
 from codeevolver.evaluator import Evaluator
 from codeevolver.models.base import LanguageModel, ModelSpec
-from codeevolver.models.resolve import ModelPlan, embedded_plan, plan_models, preflight, program_env
+from codeevolver.models.resolve import (
+    ModelPlan,
+    embedded_plan,
+    plan_models,
+    preflight,
+    program_env,
+    with_prices,
+)
 from codeevolver.proposers.code import CodeProposer
 from codeevolver.proposers.prompt import PromptProposer
 from codeevolver.sandbox import TIERS, get_sandbox
@@ -162,10 +169,16 @@ def _load(options: RunOptions, env: dict[str, str]) -> _Prepared:
         api_base=opt.api_base,
         env=env,
     )
+    if plan is not None:
+        plan = with_prices(plan, _prices(opt))
     placeholder = ModelSpec("openai/unset")
     return _Prepared(
         repo, head, config, trainset, valset, components, files, sandbox, plan or embedded_plan(placeholder)
     )
+
+
+def _prices(opt: Any) -> dict[str, tuple[Decimal, Decimal]]:
+    return {name: (Decimal(str(p.input)), Decimal(str(p.output))) for name, p in opt.model_prices.items()}
 
 
 @contextlib.contextmanager
@@ -430,6 +443,8 @@ def resume_run(
                 env=dict(os.environ),
             )
         )
+        if plan is not None:
+            plan = with_prices(plan, _prices(opt))
         prepared = _Prepared(
             repo,
             run.base_commit,

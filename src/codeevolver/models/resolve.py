@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 import httpx
@@ -75,6 +75,19 @@ def plan_models(
     reflection = ModelSpec(reflection_model or model or default)
     task = ModelSpec(model or reflection.name)
     return ModelPlan(task=task, reflection=reflection, agent=ModelSpec(agent_model or reflection.name))
+
+
+def with_prices(plan: ModelPlan, prices: Mapping[str, tuple[Decimal, Decimal]]) -> ModelPlan:
+    """Price the plan's models from ``[optimize] model_prices`` (by full name or without the provider)."""
+
+    def priced(spec: ModelSpec) -> ModelSpec:
+        for key in (spec.name, spec.name.split("/", 1)[-1]):
+            if key in prices:
+                per_in, per_out = prices[key]
+                return replace(spec, input_usd_per_m=per_in, output_usd_per_m=per_out)
+        return spec
+
+    return replace(plan, task=priced(plan.task), reflection=priced(plan.reflection), agent=priced(plan.agent))
 
 
 def embedded_plan(spec: ModelSpec) -> ModelPlan:
