@@ -7,6 +7,7 @@ repo, the real runner, store and engine; only the model is scripted, over real H
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -116,6 +117,20 @@ def test_code_change_that_breaks_the_import_is_rejected_with_the_reason(tmp_path
         failed = store.list_candidates(result["run_id"], status="failed")
     assert failed and all("cannot load" in (c.reason or "") and "SyntaxError" in (c.reason or "") for c in failed)
     assert result["status"] == "finished" and result["best_candidate"] == "c000"
+
+
+def test_code_change_that_crashes_every_example_is_rejected_with_the_error(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo")
+    crash = "def route(example, prompts):\n    raise RuntimeError('lower() of nothing')\n"
+    breaks = f"printf {shlex.quote(crash)} >> router/pipeline.py"
+    world = RouterWorld(reflection_prompt=BAD_PROMPT, agent_command=breaks)
+    with ScriptedOpenAIServer(world) as server:
+        result = optimize(repo, server, "--mutate", "code", "--max-metric-calls", "130")
+    with store_of(repo) as store:
+        failed = store.list_candidates(result["run_id"], status="failed")
+    assert failed, "the code change should have failed"
+    for cand in failed:
+        assert "failed on every minibatch example" in (cand.reason or "") and "lower() of nothing" in cand.reason
 
 
 def test_four_proposals_in_flight_at_once(tmp_path: Path) -> None:

@@ -249,7 +249,12 @@ class Engine:
             return
         old, new = sum(r.score for r in before), sum(r.score for r in after)
         if new <= old:
-            await self._reject(child, f"minibatch score {new:g} is not above the parent's {old:g}")
+            errors = [r.error for r in after if r.error]
+            if errors and len(errors) == len(after):  # say why, not just that it scored 0
+                reason = f"the changed program failed on every minibatch example: {errors[0][:300]}"
+                await self._reject(child, reason, status="failed")
+            else:
+                await self._reject(child, f"minibatch score {new:g} is not above the parent's {old:g}")
             return
         await self._accept(child, old, new)
 
