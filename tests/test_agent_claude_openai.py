@@ -26,10 +26,10 @@ from codeevolver.agents.base import AgentTask
 from codeevolver.agents.claude import ClaudeCodeAgent
 from codeevolver.agents.mini import MiniSweAgent
 from codeevolver.gateway import EgressGateway, LLMUpstream, Prices, static_resolver
+from codeevolver.gateway.testing import MemoryLedger
 from codeevolver.models.base import LanguageModel, ModelSpec
 from codeevolver.sandbox.base import SandboxPolicy
 from codeevolver.sandbox.bwrap import BwrapSandbox
-from codeevolver.store.rows import AuditRow
 from codeevolver.testing.fake_openai import Reply, ScriptedOpenAIServer
 from codeevolver.types import UsageRecord
 from codeevolver.workspace.git import GitWorkspace
@@ -53,27 +53,13 @@ SUMMARY = "Made parse() strip whitespace around each field."
 # -- fixtures ------------------------------------------------------------------------------
 
 
-class Ledger:
-    """The gateway's ledger and audit callbacks, kept in memory."""
-
-    def __init__(self) -> None:
-        self.usage: list[UsageRecord] = []
-        self.audit: list[AuditRow] = []
-
-    def add_usage(self, record: UsageRecord) -> None:
-        self.usage.append(record)
-
-    def add_audit(self, rows: Sequence[AuditRow]) -> None:
-        self.audit.extend([rows] if isinstance(rows, AuditRow) else rows)
+@pytest.fixture
+def ledger() -> MemoryLedger:
+    return MemoryLedger()
 
 
 @pytest.fixture
-def ledger() -> Ledger:
-    return Ledger()
-
-
-@pytest.fixture
-def gateway(ledger: Ledger) -> Iterator[EgressGateway]:
+def gateway(ledger: MemoryLedger) -> Iterator[EgressGateway]:
     with EgressGateway(ledger=ledger.add_usage, audit=ledger.add_audit, resolver=static_resolver({})) as gw:
         yield gw
 
@@ -135,7 +121,7 @@ def committed(workspace: GitWorkspace, worktree: Path, seed: str) -> str:
 
 
 def test_claude_cli_on_an_openai_endpoint_through_the_translating_route(
-    gateway: EgressGateway, ledger: Ledger, workspace: GitWorkspace, seed: str, worktree: Path
+    gateway: EgressGateway, ledger: MemoryLedger, workspace: GitWorkspace, seed: str, worktree: Path
 ) -> None:
     self_check = "python3 -c \"from parse import parse; print(parse('a, b'))\" && printenv ANTHROPIC_API_KEY"
     replies = [
@@ -201,7 +187,7 @@ def test_claude_cli_on_an_openai_endpoint_through_the_translating_route(
 
 
 def test_mini_on_the_same_endpoint_runs_its_commands_in_bwrap_behind_the_gateway(
-    gateway: EgressGateway, ledger: Ledger, workspace: GitWorkspace, seed: str, worktree: Path
+    gateway: EgressGateway, ledger: MemoryLedger, workspace: GitWorkspace, seed: str, worktree: Path
 ) -> None:
     edit = (
         "python3 - <<'EOF'\nfrom pathlib import Path\np = Path('parse.py')\n"

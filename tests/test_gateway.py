@@ -95,18 +95,6 @@ def anthropic_server() -> Iterator[ScriptedAnthropicServer]:
         yield server
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'runs.db'}")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def run_id(store: Store, tmp_path: Path) -> str:
-    return store.create_run({}, str(tmp_path), "abc", 0)
-
-
 class Budget:
     """A USD budget over the store's ledger, as the engine would wire it."""
 

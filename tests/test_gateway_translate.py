@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -141,18 +140,6 @@ def tool_delta(index: int, arguments: str, *, name: str | None = None, call_id: 
 
 
 # -- gateway, sessions, client -------------------------------------------------------------
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'runs.db'}")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def run_id(store: Store, tmp_path: Path) -> str:
-    return store.create_run({}, str(tmp_path), "abc", 0)
 
 
 @dataclass

@@ -118,18 +118,6 @@ def anthropic_server() -> Iterator[ScriptedAnthropicServer]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path / 'runs.db'}")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def run_id(store: Store, tmp_path: Path) -> str:
-    return store.create_run({}, str(tmp_path), "abc", 0)
-
-
-@pytest.fixture
 def limit() -> dict[str, Decimal | None]:
     return {"usd": None}
 

@@ -1,4 +1,4 @@
-"""A local upstream for exercising the gateway: HTTP or HTTPS (with its own test CA), recording.
+"""Test parts for the gateway: a local upstream (HTTP or HTTPS with its own test CA), an in-memory ledger.
 
 Tests and the security battery point the gateway at it through a static
 resolver and ``trusted_targets``. By default it answers every request with a
@@ -23,6 +23,23 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from codeevolver.store.rows import AuditRow
+from codeevolver.types import UsageRecord
+
+
+class MemoryLedger:
+    """The gateway's ``ledger`` and ``audit`` callbacks, kept in memory for tests and benchmarks."""
+
+    def __init__(self) -> None:
+        self.usage: list[UsageRecord] = []
+        self.audit: list[AuditRow] = []
+
+    def add_usage(self, record: UsageRecord) -> None:
+        self.usage.append(record)
+
+    def add_audit(self, rows: AuditRow | Sequence[AuditRow]) -> None:
+        self.audit.extend([rows] if isinstance(rows, AuditRow) else rows)
 
 
 def make_test_ca(hosts: Sequence[str], directory: Path) -> tuple[Path, Path, Path]:
