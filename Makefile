@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 DEMO   := .demo/support_router
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean system-deps
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +17,12 @@ $(VENV)/.installed-all: pyproject.toml | $(VENV)/bin/python
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install --quiet -e '.[dev,local]'
 	touch $@
 
-demo: $(VENV)/.installed-all
+demo: system-deps $(VENV)/.installed-all
 	rm -rf $(DEMO) && mkdir -p .demo && cp -r examples/support_router $(DEMO)
 	find $(DEMO) -name __pycache__ -prune -exec rm -rf {} +
 	cd $(DEMO) && git init -q && git add -A && git -c user.name=demo -c user.email=demo@localhost commit -qm seed
 	env -u OPENAI_API_KEY -u ANTHROPIC_API_KEY $(VENV)/bin/codeevolver optimize $(DEMO) \
-		--max-metric-calls 120 --concurrency 2 --dangerously-skip-sandbox
+		--max-metric-calls 120 --concurrency 2
 	@echo "inspect: cd $(DEMO) && ../../$(VENV)/bin/codeevolver runs && git branch"
 
 # Debian packages the tests need (only when root; otherwise they must be present already).
