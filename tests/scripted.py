@@ -80,6 +80,8 @@ class RouterWorld:
                     )
                 ]
             )
+        if "Bash" in tools:  # the Claude Code CLI, through the gateway's Anthropic->OpenAI translation
+            return self._claude(messages)
         if tools:
             return self._agent(messages)
         if user in self.truth:
@@ -119,6 +121,13 @@ class RouterWorld:
                 tool_calls=[("bash", {"command": f"{self.agent_command} && grep -c lower router/pipeline.py"})]
             )
         return Reply(tool_calls=[("bash", {"command": "echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT"})])
+
+    def _claude(self, messages: list[dict[str, Any]]) -> Reply:
+        self._count("agent")
+        if not any(m["role"] == "assistant" for m in messages):
+            command = f"{self.agent_command} && grep -c lower router/pipeline.py"
+            return Reply(tool_calls=[("Bash", {"command": command, "description": "apply the fix"})])
+        return Reply("Lowercased the model's text in parse() before matching labels.")
 
 
 def make_repo(dest: Path, edit: Callable[[Path], None] | None = None) -> Path:

@@ -19,7 +19,7 @@ import pytest
 
 from codeevolver.store import Store
 from codeevolver.testing.fake_openai import ScriptedOpenAIServer
-from scripted import BAD_PROMPT, RouterWorld, make_repo, popen_cli, run_cli
+from scripted import BAD_PROMPT, RouterWorld, cli_env, make_repo, popen_cli, run_cli
 
 
 def optimize(repo: Path, server: ScriptedOpenAIServer, *extra: str) -> dict:
@@ -91,6 +91,35 @@ def test_code_mutation_commits_on_a_new_branch_and_is_evaluated(tmp_path: Path) 
         assert any("lower" in json.dumps(entry.content) for entry in steps)
     # the commit was made by CodeEvolver, not by a hook or the agent
     assert git(repo, "log", "-1", "--format=%an", result["best_branch"]).strip() == "CodeEvolver"
+
+
+def test_claude_code_agent_changes_the_code_behind_the_gateway(tmp_path: Path) -> None:
+    def use_claude(repo: Path) -> None:
+        path = repo / "codeevolver.toml"
+        path.write_text(path.read_text().replace("concurrency = 2", 'concurrency = 2\ncoding_agent = "claude"', 1))
+
+    repo = make_repo(tmp_path / "repo", use_claude)
+    world = RouterWorld(reflection_prompt=BAD_PROMPT)
+    with ScriptedOpenAIServer(world, api_key="sk-upstream") as server:
+        proc = run_cli(
+            "optimize", str(repo), "--api-base", server.url, "--model", "scripted", "--json",
+            "--mutate", "code", "--max-metric-calls", "130",
+            env=cli_env(OPENAI_API_KEY="sk-upstream"),
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        agent_requests = [h for body, h in zip(server.requests, server.headers, strict=True) if body.get("tools")]
+    assert world.calls["agent"] >= 2  # the CLI's turns, translated to chat completions
+    keys = [{name.lower(): value for name, value in h.items()}.get("authorization") for h in agent_requests]
+    assert keys and set(keys) == {"Bearer sk-upstream"}  # the CLI's placeholder was swapped by the gateway
+    assert result["best_candidate"] != "c000" and result["best_score"] > result["seed_score"]
+    assert "text.lower()" in git(repo, "show", f"{result['best_branch']}:router/pipeline.py")
+    with sqlite3.connect(repo / ".codeevolver" / "runs.db") as db:
+        query = "SELECT candidate_id FROM usage WHERE run_id = ? AND purpose = 'agent'"
+        metered = {row[0] for row in db.execute(query, (result["run_id"],))}
+    assert result["best_candidate"] in metered  # the gateway metered the CLI's calls under its candidate
+    shown = run_cli("candidates", result["run_id"], "--path", str(repo), "--show", result["best_candidate"])
+    assert "grep -c lower" in shown.stdout
 
 
 def test_failed_code_change_is_rejected_and_run_goes_on(tmp_path: Path) -> None:
