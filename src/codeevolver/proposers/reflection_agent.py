@@ -485,6 +485,8 @@ def check_constraints(lm: LanguageModel, request: str, constraints: str, candida
     verdict = parse_verdict(reply.text)
     if not verdict.parsed:
         log.warning(
-            "constraint check for %s: unparseable verdict %r, counted as no violation", candidate_id, reply.text
+            "constraint check for %s: unparseable verdict %r, counted as no violation",
+            candidate_id,
+            reply.text[:160] + ("…" if len(reply.text) > 160 else ""),
         )
     return verdict
