@@ -86,6 +86,7 @@ class LanguageModel:
         """Send one chat request; raise :class:`ModelError` if the endpoint fails."""
         import litellm
 
+        litellm.suppress_debug_info = True  # its "Give Feedback" banner; our ModelError says what failed
         kwargs: dict[str, Any] = {
             "model": self.spec.name,
             "messages": list(messages),
