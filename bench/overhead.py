@@ -4,8 +4,9 @@ Replays, ITERATIONS times each, the git and store calls the engine makes for
 one accepted prompt proposal and one accepted code proposal, in the engine's
 order and with the real GitWorkspace and SQLite Store: launch bookkeeping,
 parent minibatch results, the new commit (``commit_files`` for a prompt;
-export + edit + ``commit_dir`` for a code change, as CodeProposer does), the
-child's evaluation export (a prompt child runs in its parent's export and is
+export + edit + ``commit_dir`` + ``adopt`` for a code change, as CodeProposer does:
+the agent's tree, pruned to the commit, becomes the child's evaluation export),
+the child's evaluation directory (a prompt child runs in its parent's export and is
 committed only once accepted), its minibatch and valset results, ``set_ref``, the
 candidate row and the events. Each proposal's parent is the previous child.
 Prints, per proposal kind, the median against the 100 ms target and where the
@@ -36,7 +37,7 @@ MINIBATCH, VALSET = 3, 30
 TARGET_MS = 100.0
 PROMPT = "prompts/instructions.txt"
 KINDS = ("prompt", "code")
-TREE_CALLS = {"export", "evaluation_dir", "remove"}
+TREE_CALLS = {"export", "evaluation_dir", "remove", "adopt"}
 T = TypeVar("T")
 
 
@@ -121,8 +122,9 @@ class Replay:
         module = worktree / "pkg00" / "mod0000.py"
         module.write_text(module.read_text() + f"\nCHANGE = {self.n}\n")  # the coding agent's edit (untimed)
         commit = call(self.ws.commit_dir, worktree, parent, f"codeevolver {cid}: change")
-        call(self.ws.remove, worktree)
         assert commit is not None
+        call(self.ws.adopt, worktree, commit)  # the agent's tree becomes the child's evaluation export
+        call(self.ws.remove, worktree)  # Engine._code_child's clean-up (nothing left to remove)
         call(self.store.add_transcript, self.run_id, cid, "agent", [{"role": "assistant", "content": "edited"}])
         call(self.ws.set_ref, f"refs/codeevolver/{self.run_id}/{cid}", commit)
         call(self.ws.read_file, commit, PROMPT)

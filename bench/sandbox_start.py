@@ -92,7 +92,7 @@ def main() -> int:
         rows = (
             ("bwrap", "bwrap+gateway", bridged, BWRAP_MS),
             ("gvisor", "gvisor", plain, GVISOR_MS),
-            ("gvisor", "gvisor+gateway", bridged, GVISOR_MS),
+            ("gvisor", "gvisor+gateway", bridged, None),  # no target: the issue sets gvisor's without the bridge
         )
         for name, label, policy, target_ms in rows:
             runner = tier(name, policy)
@@ -101,6 +101,9 @@ def main() -> int:
                 continue
             ms = median_ms(runner)
             ratio = ms / bare_ms
+            if target_ms is None:
+                print(f"{label:16} {ms:7.1f} ms  {ratio:5.1f}x bare  (for reference: no target)")
+                continue
             ok = ms <= target_ms and (name != "bwrap" or ratio <= BWRAP_RATIO)
             failed |= not ok
             limit = f"<= {target_ms:.0f} ms" + (f" and <= {BWRAP_RATIO:g}x bare" if name == "bwrap" else "")

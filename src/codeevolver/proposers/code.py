@@ -5,7 +5,8 @@ By default the change request comes from the read-only reflection agent
 cannot call tools falls back to the single reflection call below. With ``additional_instructions``
 set, the request is checked against them before anything is exported or an agent starts.
 The agent works in a fresh export of the parent's commit, inside the sandbox;
-the orchestrator then commits the directory with git plumbing (no hooks).
+the orchestrator then commits the directory with git plumbing (no hooks), and the directory,
+pruned to exactly the commit, becomes the child's evaluation export.
 """
 
 from __future__ import annotations
@@ -210,6 +211,8 @@ class CodeProposer:
                 summary=result.summary,
                 transcript=result.transcript,
             )
+        # The agent's tree becomes the child's evaluation export: the tree is written once, not twice.
+        self.workspace.adopt(worktree, commit)
         return CodeChange(commit, request, summary=result.summary, transcript=result.transcript)
 
     def _run_agent(self, request: str, worktree: Path, policy: SandboxPolicy, candidate_id: str) -> AgentResult:

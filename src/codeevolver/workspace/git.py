@@ -140,6 +140,33 @@ class GitWorkspace:
             return None
         return git("commit-tree", tree, "-p", parent, "-m", message, cwd=self.repo).strip()
 
+    def adopt(self, worktree: Path, commit: str) -> Path:
+        """Make an agent's ``worktree``, just committed as ``commit``, the evaluation export of ``commit``.
+
+        Saves writing the whole tree a second time. Whatever the commit does not hold (files
+        that ``.gitignore`` kept out, a nested ``.git``, fifos) is removed and file modes are
+        reset to what an export would give, so the directory equals a fresh export. Only call
+        it once nothing runs in ``worktree`` any more.
+        """
+        with self._lock:
+            known = self._exports.get(commit)
+        if known is not None:
+            self.remove(worktree)
+            return known
+        listing = git("ls-tree", "-r", "-z", "--full-tree", commit, cwd=self.repo).split("\0")
+        modes = {}
+        for line in filter(None, listing):
+            meta, path = line.split("\t", 1)
+            modes[path] = meta.split(" ", 1)[0]
+        _prune_to(worktree, "", modes, _parent_dirs(modes))
+        dest = self.work_root / f"eval-{commit[:16]}"
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.rename(worktree, dest)
+        with self._lock:
+            self._exports[commit] = dest
+        return dest
+
     def commit_files(self, parent: str, files: dict[str, str], message: str) -> str:
         """Commit new contents for a few files on top of ``parent`` without any checkout."""
         if not files:
@@ -184,3 +211,49 @@ class GitWorkspace:
 
     def remove(self, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
+
+
+_FILE_MODES = {"100644": 0o644, "100755": 0o755}
+
+
+def _parent_dirs(paths: dict[str, str]) -> set[str]:
+    dirs = {path for path, mode in paths.items() if mode == "160000"}  # a submodule exports as an empty dir
+    for path in paths:
+        parts = path.split("/")[:-1]
+        dirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+    return dirs
+
+
+def _prune_to(root: Path, prefix: str, modes: dict[str, str], dirs: set[str]) -> None:
+    """Remove from ``root`` every entry that is not in the commit; reset modes. Never follows a link."""
+    with os.scandir(root) as entries:
+        for entry in entries:
+            rel = prefix + entry.name
+            if entry.is_dir(follow_symlinks=False):
+                if rel not in dirs:
+                    shutil.rmtree(entry.path)
+                    continue
+                if entry.stat(follow_symlinks=False).st_mode & 0o7777 != 0o755:
+                    os.chmod(entry.path, 0o755)
+                if modes.get(rel) == "160000":
+                    for inner in os.scandir(entry.path):
+                        _remove_entry(inner)
+                else:
+                    _prune_to(Path(entry.path), rel + "/", modes, dirs)
+                continue
+            mode = modes.get(rel)
+            if entry.is_symlink():
+                if mode != "120000":
+                    os.unlink(entry.path)
+            elif entry.is_file(follow_symlinks=False) and mode in _FILE_MODES:
+                if entry.stat(follow_symlinks=False).st_mode & 0o7777 != _FILE_MODES[mode]:
+                    os.chmod(entry.path, _FILE_MODES[mode])
+            else:
+                os.unlink(entry.path)
+
+
+def _remove_entry(entry: os.DirEntry[str]) -> None:
+    if entry.is_dir(follow_symlinks=False):
+        shutil.rmtree(entry.path)
+    else:
+        os.unlink(entry.path)
