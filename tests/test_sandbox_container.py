@@ -6,10 +6,12 @@ executables (an external program, not one of our classes) that record what they 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -18,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from codeevolver.errors import SandboxError
-from codeevolver.sandbox import _oci, get_sandbox
+from codeevolver.sandbox import _oci, get_sandbox, seccomp
 from codeevolver.sandbox.base import SandboxPolicy
-from codeevolver.sandbox.container import ContainerSandbox, Engine, available, command, detect
+from codeevolver.sandbox.container import ContainerSandbox, Engine, available, command, detect, seccomp_file
 from codeevolver.sandbox.dockerfile import BASE_IMAGE, DOCKERFILE, IGNOREFILE, generate
 
 
@@ -69,10 +71,11 @@ def test_argv_carries_every_policy_flag(worktree: Path, tmp_path: Path) -> None:
         assert flag in head
     assert flag_values(head, "--network") == ["none"]
     assert flag_values(head, "--cap-drop") == ["ALL"]
-    assert flag_values(head, "--security-opt") == ["no-new-privileges"]
+    assert flag_values(head, "--security-opt") == ["no-new-privileges", f"seccomp={seccomp_file(False)}"]
     assert flag_values(head, "--name") == ["ce-x"]
     assert flag_values(head, "--user") == ["65534:65534"]  # worktree owned by root here
     assert flag_values(head, "--tmpfs") == ["/tmp:rw,nosuid,nodev,size=32m,mode=1777"]
+    assert flag_values(head, "--shm-size") == ["32m"]  # /dev/shm capped like /tmp (the engines default to 64m)
     assert flag_values(head, "--pids-limit") == ["64"]
     assert flag_values(head, "--memory") == ["512m"]
     assert flag_values(head, "--memory-swap") == ["512m"]
@@ -87,6 +90,54 @@ def test_argv_carries_every_policy_flag(worktree: Path, tmp_path: Path) -> None:
     assert f"type=bind,source={tmp_path},target={tmp_path}" in mounts
     assert f"type=bind,source={tmp_path}/gw.sock,target={_oci.GATEWAY_PATH}" in mounts
     assert not any(m.startswith("type=bind,source=/,") for m in mounts)
+
+
+def seccomp_rules(argv: list[str]) -> list[dict]:
+    """The profile the argv names, read from its file as the engine would (it must be valid JSON)."""
+    [opt] = [v for v in flag_values(argv, "--security-opt") if v.startswith("seccomp=")]
+    path = Path(opt.removeprefix("seccomp="))
+    assert path.is_file() and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    profile = json.loads(path.read_text())
+    assert profile["defaultAction"] == "SCMP_ACT_ALLOW" and profile["architectures"]
+    return profile["syscalls"]
+
+
+def denied(rules: list[dict], errno_ret: int = errno.EPERM) -> set[str]:
+    """Syscalls denied outright (no argument filter) with ``errno_ret``."""
+    return {n for r in rules if r["action"] == "SCMP_ACT_ERRNO" and r["errnoRet"] == errno_ret and not r.get("args")
+            for n in r["names"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("runsc", [False, True])
+def test_seccomp_profile_file_denies_the_bwrap_tiers_syscalls(worktree: Path, tmp_path: Path, runsc: bool) -> None:
+    argv = command(policy_for(worktree, tmp_path), ["true"], engine="podman", image="i", name="n", runsc=runsc)
+    rules = seccomp_rules(argv)
+    spec = seccomp.spec()
+    must = {"ptrace", "process_vm_readv", "mount", "unshare", "setns", "bpf", "keyctl", "add_key",
+            "perf_event_open", "userfaultfd", "io_uring_setup", "kexec_load", "init_module", "open_by_handle_at",
+            "syslog"}  # fmt: skip
+    assert must <= set(spec["denied"]) and set(spec["denied"]) <= denied(rules)
+    # namespace flags of clone, AF_PACKET / AF_VSOCK sockets, TIOCSTI: argument rules
+    clone = [r["args"][0]["valueTwo"] for r in rules if r["names"] == ["clone"]]
+    assert sorted(clone) == sorted(spec["clone_flags"]) and (0x10000000 in clone)  # CLONE_NEWUSER
+    families = {r["args"][0]["value"] for r in rules if r["names"] == ["socket"]}
+    assert {socket.AF_PACKET, 40} <= families  # 40 = AF_VSOCK
+    assert 0x5412 in {r["args"][0]["valueTwo"] for r in rules if r["names"] == ["ioctl"]}
+    # clone3 hides its flags from the filter: ENOSYS under runc makes libc fall back to clone; runsc answers
+    # ENOSYS by itself and would turn the rule into EPERM
+    assert ("clone3" in denied(rules, errno.ENOSYS)) != runsc
+    assert "clone3" not in denied(rules)
+
+
+def test_seccomp_profile_file_is_written_once(worktree: Path, tmp_path: Path) -> None:
+    first = command(policy_for(worktree, tmp_path), ["true"], engine="docker", image="i", name="a", runsc=False)
+    second = command(policy_for(worktree, tmp_path), ["ls"], engine="docker", image="i", name="b", runsc=False)
+    assert flag_values(first, "--security-opt") == flag_values(second, "--security-opt")
+    own = tmp_path / "mine.json"
+    chosen = command(
+        policy_for(worktree, tmp_path), ["ls"], engine="docker", image="i", name="c", runsc=False, seccomp_path=own
+    )
+    assert f"seccomp={own}" in flag_values(chosen, "--security-opt")
 
 
 def test_env_is_exactly_the_policy_env_plus_proxy(worktree: Path, tmp_path: Path) -> None:

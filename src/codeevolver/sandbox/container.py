@@ -9,25 +9,32 @@ engine add (PATH, HOSTNAME, PYTHON_VERSION...), so the command sees exactly the 
 Ownership: Podman maps container uid 65534 to the host user (``--uidmap``), like the
 gvisor tier; Docker cannot map per container, so under Docker the worktree must be
 writable by uid 65534 (or the run's own non-root uid, which it then uses).
+Seccomp: the engine's default profile is replaced by ours (the bwrap tier's rules, as
+JSON in a private temporary file: ``--security-opt seccomp=FILE``, which both engines
+read on the client side); /tmp and /dev/shm are both capped at the policy's ``tmp_mb``.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from codeevolver.errors import SandboxError
-from codeevolver.sandbox import _oci, _oci_bridge
+from codeevolver.sandbox import _oci, _oci_bridge, seccomp
 from codeevolver.sandbox._bwrap_argv import sandbox_env
 from codeevolver.sandbox.base import CommandResult, SandboxPolicy
 from codeevolver.sandbox.dockerfile import DEFAULT_IMAGE
@@ -39,6 +46,8 @@ INFO_TIMEOUT_S = 10.0
 _BRIDGE_SOURCE = Path(_oci_bridge.__file__).read_text()
 _live: dict[str, str] = {}
 _live_lock = threading.Lock()
+_profiles_dir: str | None = None
+_profiles_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,36 @@ def _identity(engine: str, workdir: Path, user: str | None) -> list[str]:
     return flags
 
 
+def seccomp_profile(runsc: bool) -> dict[str, Any]:
+    """The gvisor tier's OCI profile; under runc/crun also clone3 and openat2 answering ENOSYS.
+
+    Their flags are in memory a filter cannot read, so without the ENOSYS rule clone3 could
+    create the namespaces the clone rules deny (Docker's own default profile does the same).
+    runsc gets none: it answers ENOSYS by itself and ignores ``errnoRet`` (see ``_oci``).
+    """
+    profile = _oci.seccomp_profile()
+    if not runsc:
+        enosys = {"names": seccomp.spec()["enosys"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS}
+        profile["syscalls"] = [enosys, *profile["syscalls"]]
+    return profile
+
+
+def seccomp_file(runsc: bool) -> Path:
+    """``seccomp_profile`` written once per process into a private (0700) temporary folder."""
+    global _profiles_dir
+    text = json.dumps(seccomp_profile(runsc), indent=1, sort_keys=True)
+    with _profiles_lock:
+        if _profiles_dir is None:
+            _profiles_dir = tempfile.mkdtemp(prefix="codeevolver-seccomp-")
+            atexit.register(shutil.rmtree, _profiles_dir, True)
+        path = Path(_profiles_dir) / f"seccomp-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+        if not path.exists():
+            partial = path.with_suffix(".partial")
+            partial.write_text(text, encoding="utf-8")
+            partial.replace(path)
+    return path
+
+
 def command(
     policy: SandboxPolicy,
     argv: Sequence[str],
@@ -169,14 +208,20 @@ def command(
     name: str,
     runsc: bool,
     user: str | None = None,
+    seccomp_path: Path | None = None,
 ) -> list[str]:
-    """The full ``docker run`` / ``podman run`` argv (``engine`` is the name) for ``argv`` under ``policy``."""
+    """The full ``docker run`` / ``podman run`` argv (``engine`` is the name) for ``argv`` under ``policy``.
+
+    ``seccomp_path`` defaults to ``seccomp_file(runsc)`` (written on first use).
+    """
     workdir = Path(policy.workdir)
+    profile = seccomp_path or seccomp_file(runsc)
     flags = [engine, "run", "--rm", "-i", "--name", name, "--hostname", "sandbox"]
     if runsc:
         flags.append("--runtime=runsc")
     flags += ["--network", "none", "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
-    flags += ["--tmpfs", f"/tmp:rw,nosuid,nodev,size={policy.tmp_mb}m,mode=1777"]
+    flags += ["--security-opt", f"seccomp={profile}"]
+    flags += ["--tmpfs", f"/tmp:rw,nosuid,nodev,size={policy.tmp_mb}m,mode=1777", "--shm-size", f"{policy.tmp_mb}m"]
     flags += _identity(engine, workdir, user)
     flags += _limits(policy, runsc)
     flags += _mounts(policy)
