@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -41,23 +43,53 @@ def test_modal_is_hosted_only(reports: dict[str, TierReport]) -> None:
 
 
 def test_gvisor_verdict_matches_the_machine(reports: dict[str, TierReport]) -> None:
+    gvisor = reports["gvisor"]
     expected = shutil.which("runsc") is not None and os.geteuid() == 0
-    assert reports["gvisor"].available == expected, reports["gvisor"]
-    if expected:
-        assert "started a probe sandbox" in reports["gvisor"].reason
+    if expected:  # runsc is there and we are root: the probe sandbox must have started
+        assert gvisor.available, gvisor
+        assert "started a probe sandbox" in gvisor.reason and gvisor.reason.startswith(shutil.which("runsc") or "?")
+    else:
+        assert not gvisor.available, gvisor
+        assert "runsc" in gvisor.reason and gvisor.fix
 
 
 def test_bwrap_verdict_matches_the_machine(reports: dict[str, TierReport]) -> None:
-    if shutil.which("bwrap") is None:
-        assert not reports["bwrap"].available
-        assert reports["bwrap"].fix and "bubblewrap" in reports["bwrap"].fix
+    bwrap, binary = reports["bwrap"], shutil.which("bwrap")
+    if binary is None:
+        assert not bwrap.available
+        assert bwrap.fix and "bubblewrap" in bwrap.fix
+        return
+    unshares = subprocess.run([binary, "--unshare-all", "--ro-bind", "/", "/", "true"], capture_output=True).returncode
+    if bwrap.available:  # then bwrap really can unshare here, and the report says with what
+        assert unshares == 0
+        assert re.fullmatch(rf"{re.escape(binary)}, cgroup v[12], seccomp, gateway via (host relay|socat bridge)",
+                            bwrap.reason), bwrap.reason  # fmt: skip
+    else:
+        assert bwrap.reason and bwrap.fix, bwrap
+
+
+def _engine_answers(name: str) -> bool:
+    path = shutil.which(name)
+    if path is None:
+        return False
+    return subprocess.run([path, "info"], capture_output=True, timeout=30, stdin=subprocess.DEVNULL).returncode == 0
 
 
 def test_container_reports_the_engine_status(reports: dict[str, TierReport]) -> None:
     container = reports["container"]
-    if not container.available:
+    answering = [name for name in ("docker", "podman") if _engine_answers(name)]
+    assert container.available == bool(answering), (container, answering)
+    if answering:
+        assert container.reason.startswith(f"{answering[0]} at ")
+        assert "runtime" in container.reason
+    else:
         assert "docker" in container.reason and "podman" in container.reason
         assert container.fix
+        for name in ("docker", "podman"):  # each engine's state is named: missing, or installed but silent
+            if shutil.which(name) is None:
+                assert f"{name} not installed" in container.reason
+            else:
+                assert re.search(rf"{name} (is installed but its engine does not answer|info failed)", container.reason)
 
 
 def test_missing_runsc_and_engines_come_with_fixes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -225,13 +225,23 @@ def test_raw_ip_via_connect_is_blocked(
 
 
 def test_allowlisted_host_on_another_port_is_blocked(
-    sandbox: Sandbox, session: GatewaySession, work: Path, https_upstream: EchoUpstream
-) -> None:
+    sandbox: Sandbox, session: GatewaySession, work: Path, gateway: EgressGateway, store: Store, run_id: str,
+    https_upstream: EchoUpstream,
+) -> None:  # fmt: skip
     got = probe(sandbox, session, work, 'out([connect("allowed.test:443")[0], connect("allowed.test:8443")[0]])')
     assert got == [403, 403]
-    url = f"http://allowed.test:{https_upstream.port}/"  # plain HTTP on an allowlisted port is fine, port 80 is not
-    assert probe(sandbox, session, work, 'out(proxied("GET", "http://allowed.test/")["status"])') == 403
-    assert url  # the allowed port answers TLS only: covered by the tunnel test
+    # Plain HTTP obeys the same port rule: port 80 is refused by the allowlist, the allowlisted port
+    # passes it and is dialed (its upstream speaks TLS only, so the answer is a gateway error, not 403).
+    allowed = f"http://allowed.test:{https_upstream.port}/"
+    code = f'out([proxied("GET", "http://allowed.test/")["status"], proxied("GET", "{allowed}")["status"]])'
+    assert probe(sandbox, session, work, code) == [403, 502]
+    logged = [(r.host, r.port, r.status, "allowlist" in r.reason) for r in rows(gateway, store, run_id)]
+    assert logged == [
+        ("allowed.test", 443, 403, True),
+        ("allowed.test", 8443, 403, True),
+        ("allowed.test", 80, 403, True),
+        ("allowed.test", https_upstream.port, 502, False),
+    ]
 
 
 def test_allowlisted_names_resolving_to_loopback_or_metadata_are_blocked(
