@@ -397,3 +397,39 @@ def test_registry() -> None:
     agent = get_agent("claude")
     assert isinstance(agent, ClaudeCodeAgent) and agent.name == "claude"
     assert sys.modules["claude_agent_sdk"] is not None
+
+
+def test_its_budget_stops_the_agent(gateway: EgressGateway, worktree: Path) -> None:
+    expensive = [lambda wt: AnthropicReply(tool_uses=[("Bash", {"command": "echo step"})], input_tokens=100_000,
+                                           output_tokens=10)]  # fmt: skip
+    with ScriptedAnthropicServer(agent_turns(expensive, worktree), api_key=REAL_KEY) as server:
+        session = open_session(gateway, server.url)
+        result = ClaudeCodeAgent(max_retries=0).run(make_task(worktree, session, max_usd=0.05))
+
+    assert not result.ok
+    assert result.reason == "agent stopped: exceeded its $0.05 safety budget", result.reason
+    assert len(server.requests) == 1  # one call at list prices (about $0.30) is over $0.05
+    assert no_descendants_soon() == []
+
+
+def test_the_run_budget_spent_at_the_gateway_rejects_the_change_without_failing_the_run(
+    ledger: MemoryLedger, worktree: Path
+) -> None:
+    spent = iter([None, "run run-1 has spent $1.01 of its $1 budget"])  # the first call is allowed
+
+    def over(run_id: str) -> str | None:
+        return next(spent, "run run-1 has spent $1.01 of its $1 budget")
+
+    replies = [bash("echo first step"), say("done")]
+    with (
+        EgressGateway(ledger=ledger.add_usage, audit=ledger.add_audit, resolver=static_resolver({}),
+                      budget_exceeded=over) as gateway,
+        ScriptedAnthropicServer(agent_turns(replies, worktree), api_key=REAL_KEY) as server,
+    ):  # fmt: skip
+        session = open_session(gateway, server.url)
+        result = ClaudeCodeAgent(max_retries=0).run(make_task(worktree, session))
+
+    assert not result.ok
+    assert result.reason is not None and result.reason.startswith("run budget spent: "), result.reason
+    assert len(server.requests) == 1  # the second call was refused by the gateway, not sent upstream
+    assert no_descendants_soon() == []

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,20 @@ def test_stops_after_max_steps(repo: Path) -> None:
     assert result.reason == "agent stopped: exceeded 3 steps"
     assert len(server.requests) == 3
     assert len(usage) == 3
+
+
+def test_stops_at_its_budget(repo: Path) -> None:
+    usage: list[UsageRecord] = []
+    one_dollar = Reply(tool_calls=[("bash", {"command": "ls"})], prompt_tokens=1000, completion_tokens=0)
+    with ScriptedOpenAIServer(scripted([one_dollar])) as server:
+        spec = ModelSpec("openai/scripted", api_base=server.url, api_key="sk-test",
+                         input_usd_per_m=Decimal(1000), output_usd_per_m=Decimal(0))  # fmt: skip
+        model = LanguageModel(spec, on_usage=usage.append, num_retries=0)
+        result = MiniSweAgent().run(make_task(repo, server.url, usage, model=model, max_usd=2.5))
+
+    assert not result.ok
+    assert result.reason == "agent stopped: spent $3 of its $2.5 budget"
+    assert len(server.requests) == 3 and sum(u.cost_usd for u in usage) == 3
 
 
 def test_plain_text_reply_gets_format_feedback_and_continues(repo: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 from codeevolver.engine.batching import EpochSampler
 from codeevolver.engine.pareto import ParetoParentSelector, frontier, non_dominated
 from codeevolver.engine.selection import ComponentSelector
+from codeevolver.store import Store
 from codeevolver.types import CODE_COMPONENT
 
 
@@ -82,3 +83,43 @@ def test_child_continues_parents_round_robin() -> None:
     assert selector.choose("c0", ["a", "b", "c"], 1) == "a"
     selector.inherit("c1", "c0")
     assert selector.choose("c1", ["a", "b", "c"], 2) == "b"
+
+
+def test_code_only_run_is_exhausted_past_the_cutoff() -> None:
+    selector = ComponentSelector("code", code_cutoff=3)
+    assert [selector.exhausted(it) for it in (1, 2)] == [None, None]
+    assert [selector.choose("c0", ["p"], it) for it in (1, 2)] == [CODE_COMPONENT, CODE_COMPONENT]
+    reason = selector.exhausted(3)
+    assert reason is not None and "code_cutoff_iteration 3" in reason and "mutate = code" in reason
+    with pytest.raises(ValueError, match="code_cutoff_iteration 3"):
+        selector.choose("c0", ["p"], 3)  # never a prompt mutation the user did not ask for
+    # runs that may mutate prompts go on with prompts past the cutoff
+    assert ComponentSelector("both", code_cutoff=3).exhausted(5) is None
+    assert ComponentSelector("both", code_cutoff=3).choose("c0", ["p"], 5) == "p"
+    assert ComponentSelector("code").exhausted(10_000) is None
+
+
+def test_code_history_gives_each_code_change_its_score_and_its_parents(store: Store, run_id: str) -> None:
+    from codeevolver.engine.engine import code_history
+    from codeevolver.proposers.reflection_agent import task_prompt
+    from codeevolver.types import Candidate
+
+    def cand(cid: str, parent: str | None, change: str, description: str) -> Candidate:
+        return Candidate(cid, {"p": "x"}, "abc", parents=[parent] if parent else [], change_type=change,
+                         description=description)  # fmt: skip
+
+    store.add_candidate(run_id, cand("c000", None, "seed", ""), "seed", val_score=0.5)
+    store.add_candidate(run_id, cand("c001", "c000", "code", "lowercase the labels"), "accepted", val_score=0.75)
+    store.add_candidate(run_id, cand("c002", "c001", "prompt", "rewrote prompt 'p'"), "accepted", val_score=0.8)
+    store.add_candidate(
+        run_id, cand("c003", "c001", "code", "add a retry"), "rejected",
+        reason="minibatch score 1 is not above the parent's 2",
+    )  # fmt: skip
+    history = code_history(store.list_candidates(run_id))
+    assert history == [
+        "c001 accepted (val 0.750; parent c000 val 0.500): lowercase the labels",
+        "c003 rejected (minibatch score 1 is not above the parent's 2; parent c001 val 0.750): add a retry",
+    ]
+    prompt = task_prompt(files=["a.py"], components={"p": "x"}, records=[], history=history,
+                         additional_instructions="", entry="a:b", metric="m:s", mode="fix")  # fmt: skip
+    assert "- c001 accepted (val 0.750; parent c000 val 0.500)" in prompt

@@ -556,3 +556,27 @@ def test_run_routes_translate_for_an_openai_compatible_agent_model() -> None:
 
     claude = ModelSpec("anthropic/claude-sonnet-4-5")
     assert "anthropic" not in llm_routes(ModelPlan(task=claude, reflection=claude, agent=claude), {})
+
+
+def test_the_anthropic_key_route_bills_at_the_configured_model_prices(
+    gateway: EgressGateway, ledger: Ledger, run_id: str
+) -> None:
+    from codeevolver.egress import llm_routes
+    from codeevolver.models.resolve import plan_models, with_prices
+    from codeevolver.testing.fake_anthropic import AnthropicReply, ScriptedAnthropicServer
+
+    def reply(body: dict[str, Any]) -> AnthropicReply:
+        return AnthropicReply(text="ok", input_tokens=1000, output_tokens=500)
+
+    with ScriptedAnthropicServer(reply, api_key="sk-ant") as server:
+        env = {"ANTHROPIC_API_KEY": "sk-ant", "ANTHROPIC_BASE_URL": server.url}
+        plan = plan_models(model="anthropic/house-claude", reflection_model=None, agent_model=None, api_base=None,
+                           env=env)  # fmt: skip
+        assert plan is not None
+        routes = llm_routes(with_prices(plan, {"house-claude": (Decimal(2), Decimal(8))}), env)
+        assert routes["anthropic"].prices == Prices(Decimal(2), Decimal(8))
+        session = gateway.open_session("sbx", run_id=run_id, purpose="agent", llm_routes=routes)
+        assert messages(session, stream=False, model="house-claude").status_code == 200
+        assert gateway.flush()
+    (record,) = ledger.records
+    assert record.cost_usd == (Decimal(2) * 1000 + Decimal(8) * 500) / 10**6

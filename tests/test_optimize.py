@@ -311,3 +311,27 @@ def wait_for_run(repo: Path, accepted: int = 0, candidates: int = 1, timeout: fl
                         return runs[0].id
         time.sleep(0.2)
     raise AssertionError("the run did not get far enough in time")
+
+
+def test_kill_9_while_the_seed_is_scored_then_resume_scores_it_and_finishes(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo")
+    world = RouterWorld(reflection_prompt=BAD_PROMPT, task_delay_s=0.2)  # the seed's 34 valset rows take seconds
+    with ScriptedOpenAIServer(world) as server:
+        args = ("--api-base", server.url, "--model", "s", "--json", "--mutate", "prompts")
+        proc = popen_cli("optimize", str(repo), *args, "--max-metric-calls", "90", "--concurrency", "1")
+        run_id = wait_for_run(repo, candidates=0)  # the run exists: the seed's valset evaluation has begun
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        with store_of(repo) as store:
+            assert store.list_candidates(run_id) == [] and store.get_run(run_id).seed_score is None
+        world.task_delay_s = 0.0
+        resumed = run_cli("resume", run_id, "--path", str(repo), "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "finished" and summary["seed_score"] is not None
+    with store_of(repo) as store:
+        seed = store.get_candidate(run_id, "c000")
+        assert seed.status == "seed" and seed.val_score == summary["seed_score"]
+        assert seed.components["classify"] == (repo / "prompts" / "classify.txt").read_text()
+        assert len(store.evaluations(run_id, "c000", "val")) == 34
+        assert [c.id for c in store.list_candidates(run_id)][1:], "the resumed run went on to propose"

@@ -301,3 +301,25 @@ def test_config_switch_turns_the_agent_off(repo: Path, tmp_path: Path) -> None:
     assert request == FALLBACK_TEXT
     assert world.roles == ["single_call"]
     assert "tools" not in server.requests[0]
+
+
+def test_code_reflection_records_carry_every_components_calls_bounded() -> None:
+    from codeevolver.proposers.reflective import CODE_TRACE_CHARS, build_records, render
+    from codeevolver.types import ExampleResult
+
+    traces = {
+        "extract": [{"inputs": {"text": "a, b"}, "outputs": {"fields": "a| b"}}],
+        "judge": [{"inputs": {"fields": "a| b"}, "outputs": {"verdict": "x" * 50_000}}],
+        "unused": [],
+    }
+    results = [ExampleResult(0, 0.0, "expected ['a', 'b']", ["a", " b"], traces)]
+    (code,) = build_records([{"text": "a, b"}], results, None)
+    assert "a| b" in code["Calls of component 'extract'"]
+    assert "verdict" in code["Calls of component 'judge'"]
+    assert "Calls of component 'unused'" not in code
+    traced = sum(len(v) for k, v in code.items() if k.startswith("Calls of"))
+    assert traced <= CODE_TRACE_CHARS + 200  # the clip notes add a few characters
+    assert "Calls of component 'extract'" in render([code])
+    # a prompt mutation sees only its own component's calls
+    (prompt,) = build_records([{"text": "a, b"}], results, "extract")
+    assert [k for k in prompt if k.startswith("Calls")] == ["Calls of this component"]

@@ -38,7 +38,7 @@ def llm_routes(plan: ModelPlan, env: Mapping[str, str]) -> dict[str, LLMUpstream
         routes["openai"] = LLMUpstream(base, key, "openai", prices=_prices(task))
     if env.get("ANTHROPIC_API_KEY"):
         base = env.get("ANTHROPIC_BASE_URL") or ANTHROPIC_URL
-        routes["anthropic"] = LLMUpstream(base, env["ANTHROPIC_API_KEY"], "anthropic")
+        routes["anthropic"] = LLMUpstream(base, env["ANTHROPIC_API_KEY"], "anthropic", prices=_anthropic_prices(plan))
     elif (translated := _anthropic_onto_openai(plan.agent, env)) is not None:
         routes["anthropic"] = translated
     return routes
@@ -58,6 +58,19 @@ def _anthropic_onto_openai(agent: ModelSpec, env: Mapping[str, str]) -> LLMUpstr
     key = agent.api_key or env.get("OPENAI_API_KEY", "")
     model = agent.name.removeprefix("openai/")
     return LLMUpstream(base, key, "anthropic", prices=_prices(agent), upstream_protocol="openai", model=model)
+
+
+def _anthropic_prices(plan: ModelPlan) -> Prices | None:
+    """Prices for the Anthropic route: its main caller's, the agent (the Claude Code CLI), else the task's.
+
+    Only models that can be sent there count (``anthropic/…`` or a bare name); one route holds one price.
+    """
+    for spec in (plan.agent, plan.task, plan.reflection):
+        if spec.name.startswith("anthropic/") or "/" not in spec.name:
+            prices = _prices(spec)
+            if prices is not None:
+                return prices
+    return None
 
 
 def _prices(spec: ModelSpec) -> Prices | None:

@@ -243,6 +243,14 @@ def _check_agent_route(agent: str, egress: RunEgress | None) -> None:
         )
 
 
+def _budget_left(store: Store, run_id: str, max_usd: float | None) -> Callable[[], Decimal] | None:
+    """What is left of the run's USD budget, asked when each coding agent starts (None: no budget)."""
+    if max_usd is None:
+        return None
+    limit = Decimal(str(max_usd))
+    return lambda: limit - store.usage_totals(run_id).cost_usd
+
+
 def _parts(
     prepared: _Prepared, store: Store, run_id: str, state_dir: Path, egress: RunEgress | None
 ) -> tuple[Parts, Evaluator]:
@@ -286,6 +294,8 @@ def _parts(
             reflection_agent=opt.reflection_agent,
             readonly_paths=python_prefixes(python),
             agent_session=egress.agent_session if egress is not None else None,
+            agent_max_usd=opt.agent_max_usd,
+            budget_left=_budget_left(store, run_id, opt.max_usd),
         )
     selector = ComponentSelector(
         opt.mutate, opt.prompts_per_code, opt.prompts_per_code_decay_every, opt.code_cutoff_iteration
@@ -384,7 +394,12 @@ def _start(
     if prepared.config.program.framework == "dspy":
         seed.components = _drop_unused_predictors(seed.components, checked)
     saved = prepared.config.model_dump(mode="json")
-    saved["_resolved"] = {"embedded": plan.embedded, "api_base": plan.task.api_base}
+    # The seed as built here (DSPy predictors discovered and pruned), for a resume after a kill before it was scored.
+    saved["_resolved"] = {
+        "embedded": plan.embedded,
+        "api_base": plan.task.api_base,
+        "seed_components": seed.components,
+    }
     run_id = store.create_run(saved, str(prepared.repo), prepared.head, prepared.config.optimize.seed)
     store.add_evaluations(run_id, seed.id, "train", checked, "validation")
     if egress is not None:
@@ -463,10 +478,30 @@ def resume_run(
                 egress.open_sessions(run_id)
             parts, _ = _parts(prepared, store, run_id, state, egress)
             engine = _engine(prepared, parts, run_id, state, progress, elapsed_s=elapsed)
-            _drive(engine, None)
+            _drive(engine, _unscored_seed(store, run_id, prepared, parts, resolved.get("seed_components")))
         return summarize(store, run_id)
     finally:
         store.close()
+
+
+def _unscored_seed(
+    store: Store, run_id: str, prepared: _Prepared, parts: Parts, saved: dict[str, str] | None
+) -> Candidate | None:
+    """The seed of a run killed before its valset score was stored (None once it has one), rebuilt at the
+    run's base commit: from the components saved when the run was created, else as a new run builds them."""
+    if any(row.status == "seed" for row in store.list_candidates(run_id)):
+        return None
+    head = prepared.head
+    components = dict(saved) if saved is not None else None
+    if components is None:  # a run created before seed_components was saved
+        components = dict(prepared.components)
+        for name, rel in prepared.component_files.items():
+            text = parts.workspace.read_file(head, rel)
+            if text is not None:
+                components[name] = text
+        if prepared.config.program.framework == "dspy":
+            components = parts.evaluator.describe(parts.workspace.evaluation_dir(head))
+    return Candidate(id="c000", components=components, commit=head)
 
 
 def _drive(engine: Engine, seed: Candidate | None) -> None:

@@ -7,6 +7,9 @@ Contract for implementations:
 - It never commits: the orchestrator commits the result with hooks disabled.
 - It stops by itself after ``task.max_steps`` steps or ``task.timeout_s`` seconds
   and reports that as ``ok=False`` with the reason.
+- It stops once it has spent ``task.max_usd`` (when set) and reports that as
+  ``ok=False``; the run's budget running out under it (the gateway answers 402)
+  is ``ok=False`` too, with a reason starting with :data:`RUN_BUDGET_SPENT`.
 - It raises only for systemic failures (:class:`~codeevolver.errors.ModelError`
   when the model endpoint is unreachable); an agent that fails at the task
   returns ``ok=False``.
@@ -21,6 +24,9 @@ from typing import Any, Protocol
 
 from codeevolver.models.base import LanguageModel
 from codeevolver.sandbox.base import Sandbox, SandboxPolicy
+
+RUN_BUDGET_SPENT = "run budget spent"
+"""How the reason of an agent stopped by the run's exhausted USD budget begins."""
 
 
 @dataclass
@@ -40,7 +46,8 @@ class AgentTask:
     python: str = "python3"
     """The interpreter that runs the user's program inside the sandbox (for the agent's self-check)."""
     max_usd: float | None = None
-    """A safety stop for backends that track their own spend; billing is always the gateway's ledger."""
+    """What this agent may spend (``agent_max_usd``, capped at what is left of the run's budget); None: no cap.
+    The backends stop at it by their own count; billing is always the ledger's."""
 
 
 @dataclass

@@ -38,7 +38,7 @@ from typing import Any
 import anyio
 import claude_agent_sdk as sdk
 
-from codeevolver.agents.base import AgentResult, AgentTask
+from codeevolver.agents.base import RUN_BUDGET_SPENT, AgentResult, AgentTask
 from codeevolver.agents.task_prompt import render_task
 from codeevolver.errors import CodeEvolverError, ConfigError, ModelError, SandboxError
 from codeevolver.sandbox import attach
@@ -245,6 +245,9 @@ class _Transcript:
         if outcome.is_error and (self.api_error is not None or outcome.api_error_status is not None):
             detail = self.api_error or f"status {outcome.api_error_status}: {outcome.result or ''}"
             lowered = detail.lower()
+            if outcome.api_error_status == 402 or "budget_exceeded" in lowered or "spent its usd budget" in lowered:
+                # The gateway refuses calls once the run's budget is spent: this change ends, the run goes on.
+                return self.failed(f"{RUN_BUDGET_SPENT}: {_clip(detail, 300)}")
             if "prompt is too long" in lowered or ("context" in lowered and "exceed" in lowered):
                 return self.failed("agent stopped: the conversation exceeded the model's context window")
             raise ModelError(

@@ -190,7 +190,7 @@ class MiniSweAgent:
             system_template=MINI_SYSTEM_TEMPLATE,
             instance_template=MINI_INSTANCE_TEMPLATE,
             step_limit=task.max_steps,
-            cost_limit=0.0,  # budgets are the engine's job, in Decimal
+            cost_limit=task.max_usd or 0.0,  # by the ledger's prices; 0 is no limit (the run's is the engine's)
             max_consecutive_format_errors=MAX_FORMAT_ERRORS,
         )
         try:
@@ -214,6 +214,9 @@ def _result(agent: DefaultAgent, task: AgentTask, info: dict[str, Any]) -> Agent
     summary = _final_text(agent.messages) or str(info.get("submission", "")).strip()
     if status == "Submitted":
         return AgentResult(ok=True, summary=summary, transcript=transcript)
+    if status == "LimitsExceeded" and task.max_usd is not None and agent.cost >= task.max_usd:
+        reason = f"agent stopped: spent ${agent.cost:.4g} of its ${task.max_usd:.4g} budget"
+        return AgentResult(ok=False, summary=summary, reason=reason, transcript=transcript)
     reasons = {
         "LimitsExceeded": f"agent stopped: exceeded {task.max_steps} steps",
         "TimeExceeded": f"agent stopped: exceeded the {task.timeout_s:g} s timeout",

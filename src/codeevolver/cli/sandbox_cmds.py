@@ -61,6 +61,13 @@ def run_in_sandbox(argv: list[str], tier: str, allow: list[str], timeout: float,
     sandbox = get_sandbox(tier)
     env = {name: os.environ[name] for name in _KEPT_ENV if name in os.environ}
     policy = SandboxPolicy(workdir=Path.cwd(), env=env, timeout_s=timeout, memory_mb=memory, pids=pids)
+    if not sandbox.isolated:
+        from codeevolver.sandbox.unsafe import UNPROTECTED
+
+        warning = f"codeevolver: WARNING: the {tier} tier is no sandbox: {UNPROTECTED}"
+        err.print(warning, highlight=False, markup=False, soft_wrap=True)
+        if allow:
+            err.print("codeevolver: --allow-domain is not enforced: no gateway stands in front", highlight=False)
     blocked: list[str] = []
 
     def audit(rows: object) -> None:
@@ -109,6 +116,8 @@ def init_docker(
     from codeevolver.sandbox.dockerfile import generate
 
     def action() -> None:
+        if not path.is_dir():
+            raise ConfigError(f"{path.resolve()} is not a directory", "pass the project's root folder, or run it there")
         files = generate(path)
         clashes = [name for name in files if (path / name).exists()]
         if clashes and not force:

@@ -33,6 +33,7 @@ from codeevolver.proposers.code import CodeProposer
 from codeevolver.proposers.prompt import PromptProposer
 from codeevolver.proposers.reflective import build_records
 from codeevolver.store import Store
+from codeevolver.store.rows import CandidateRow
 from codeevolver.types import CODE_COMPONENT, Candidate, ExampleResult
 from codeevolver.workspace.git import GitWorkspace
 
@@ -98,6 +99,24 @@ def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None)
         future.set_result(result)
 
 
+def code_history(rows: list[CandidateRow]) -> list[str]:
+    """The run's code changes for the reflection agent: how each ended, its valset score and its parent's."""
+    val = {row.id: row.val_score for row in rows}
+
+    def score(value: float | None) -> str:
+        return "unscored" if value is None else f"{value:.3f}"
+
+    lines = []
+    for row in rows:
+        if row.change_type != "code":
+            continue
+        parent = row.parents[0] if row.parents else None
+        outcome = f"val {score(row.val_score)}" if row.status == "accepted" else (row.reason or "no reason given")
+        against = f"parent {parent} val {score(val.get(parent))}" if parent else "no parent"
+        lines.append(f"{row.id} {row.status} ({outcome}; {against}): {row.description[:200]}")
+    return lines
+
+
 class Engine:
     def __init__(
         self,
@@ -132,6 +151,8 @@ class Engine:
         """iteration -> metric calls its proposal may still spend (counted against the budget)."""
         self.metric_calls = 0
         self.stop_reason: str | None = None
+        self.done_reason: str | None = None
+        """Why a run ended by itself with budget left (a code-only run past its code cutoff)."""
         self.failures = 0
         self._next_id = 0
         self._started = time.monotonic()
@@ -142,6 +163,7 @@ class Engine:
     async def run(self, seed: Candidate | None = None) -> str:
         """Run until a budget or a stop ends it; return the final run status."""
         self._restore()
+        self._clear_stale_stop_file()
         if not self.candidates:
             assert seed is not None, "a new run needs a seed candidate"
             await self._add_seed(seed)
@@ -156,6 +178,12 @@ class Engine:
             self._report()
             self._heartbeat()
         return self._close()
+
+    def _clear_stale_stop_file(self) -> None:
+        """A stop file left from an earlier stop would end this start or resume at once: remove it."""
+        if self.stop_file is not None and self.stop_file.exists():
+            self.stop_file.unlink(missing_ok=True)
+            self._event("stop_file_removed", {"path": str(self.stop_file)})
 
     def _heartbeat(self) -> None:
         """Touch the run now and then, so ``status`` can tell a live run from a killed one."""
@@ -203,6 +231,9 @@ class Engine:
             return False
         if self.stop_file is not None and self.stop_file.exists():
             self.stop_reason = f"stop file {self.stop_file}"
+            return False
+        self.done_reason = self.p.selector.exhausted(self.iteration + 1)
+        if self.done_reason is not None:
             return False
         run = self.store.get_run(self.run_id)
         if run.status == "cancelling":
@@ -361,12 +392,7 @@ class Engine:
         return any(self._run_commit.get(c.id, c.commit) == commit for c in self.candidates.values())
 
     def _code_history(self) -> list[str]:
-        rows = self.store.list_candidates(self.run_id)
-        return [
-            f"{row.id} ({row.status}{', ' + row.reason if row.reason else ''}): {row.description[:200]}"
-            for row in rows
-            if row.change_type == "code"
-        ]
+        return code_history(self.store.list_candidates(self.run_id))
 
     async def _accept(self, child: Candidate, old: float, new: float) -> None:
         indices = list(range(len(self.valset)))
@@ -467,12 +493,9 @@ class Engine:
             status = "cancelled" if self.stop_reason == "cancelled" else "stopped"
         else:
             status = "finished"
-        self.store.update_run(
-            self.run_id,
-            status=status,
-            error=str(failure) if failure else self.stop_reason,
-        )
-        self._event("run_finished", {"status": status, "reason": self.stop_reason})
+        reason = self.stop_reason or self.done_reason
+        self.store.update_run(self.run_id, status=status, error=str(failure) if failure else reason)
+        self._event("run_finished", {"status": status, "reason": reason})
         self._report()
         if failure is not None:
             raise failure

@@ -4,7 +4,10 @@ With ``prompts_per_code = N`` every N prompt mutations are followed by one code
 mutation (``_code``). Every ``decay_every`` iterations N grows by one, so code
 changes, which are slow and costly, become rarer as the run matures; after
 ``code_cutoff`` iterations only prompts are mutated. ``prompts_per_code = 0``
-means code mutations only (when allowed).
+means code mutations only (when allowed). A code-only run (``mutate = "code"``)
+has nothing left to propose past the cutoff: :meth:`ComponentSelector.exhausted`
+says so and the engine ends the run there, rather than mutating prompts it was
+told to leave alone.
 """
 
 from __future__ import annotations
@@ -36,10 +39,22 @@ class ComponentSelector:
             return False
         return self.code_cutoff is None or iteration < self.code_cutoff
 
+    def exhausted(self, iteration: int) -> str | None:
+        """Why no proposal can be made at ``iteration`` (a code-only run past its cutoff), or None."""
+        if self.mutate == "code" and not self.code_allowed(iteration):
+            return (
+                f"code_cutoff_iteration {self.code_cutoff} reached with mutate = code: "
+                "no code mutations are left to propose"
+            )
+        return None
+
     def choose(self, candidate_id: str, components: list[str], iteration: int) -> str:
         """Return the component name to mutate next, or ``_code``."""
         prompts = sorted(c for c in components if c != CODE_COMPONENT)
-        if self.mutate == "code" and self.code_allowed(iteration):
+        if self.mutate == "code":
+            reason = self.exhausted(iteration)
+            if reason is not None:
+                raise ValueError(reason)
             return CODE_COMPONENT
         use_code = self.code_allowed(iteration) and (not prompts or self.prompts_since_code >= self.ratio(iteration))
         if use_code:

@@ -119,6 +119,9 @@ class SessionState:
     directory: Path
     socket_path: Path
     ca: SessionCA | None = None
+    trusted_hosts: frozenset[str] = frozenset()
+    """Allowlisted names the operator vouches for (the package index of a setup phase): their
+    addresses skip the public-address check, which every other name still meets."""
     listener: socket.socket | None = None
     accepting: asyncio.Task[None] | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)

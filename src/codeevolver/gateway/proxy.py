@@ -142,6 +142,8 @@ class Connection:
             raise Blocked(502, f"cannot resolve {host}: {exc}") from None
         if not addresses:
             raise Blocked(502, f"{host} has no addresses")
+        if host in self.session.trusted_hosts:
+            return host, addresses  # an operator-trusted upstream of this session (e.g. an index mirror)
         for address in addresses:
             refusal = self.core.refusal(address, port)
             if refusal:

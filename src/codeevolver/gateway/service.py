@@ -193,12 +193,16 @@ class EgressGateway:
         secrets: Mapping[str, Mapping[str, str]] | None = None,
         llm_routes: Mapping[str, LLMUpstream] | None = None,
         proxy_port: int | None = None,
+        trusted_hosts: Sequence[str] = (),
     ) -> GatewaySession:
         """A new socket for one sandbox, with its own allowlist, secrets, LLM routes and placeholder key.
 
         ``secrets`` maps a host to headers injected on HTTPS requests to exactly that host
         (its port 443 is allowed implicitly). ``llm_routes`` maps a route name (``openai``,
-        ``anthropic``) to the upstream it reaches.
+        ``anthropic``) to the upstream it reaches. ``trusted_hosts`` are exact names, each also
+        in ``allow``, that the operator trusts like a model endpoint: they may resolve to
+        private addresses (a package index behind an intercepting mirror). Only the setup
+        phase's session names any; user config never does.
         """
         core = self._require_core()
         port = proxy_port or self.proxy_port
@@ -207,6 +211,10 @@ class EgressGateway:
             if host.startswith("*") or ":" in host:
                 raise ConfigError(f"secret host {host!r} must be one exact host name", "write e.g. api.github.com")
         allowlist = Allowlist([*allow, *secret_map])
+        trusted = frozenset(normalize_host(h) for h in trusted_hosts)
+        for host in trusted:
+            if not any(allowlist.allows(host, rule.port) for rule in allowlist.rules):
+                raise ConfigError(f"trusted host {host!r} is not in the session's allowlist", "allow it too")
         routes = dict(llm_routes or {})
         for name, upstream in routes.items():
             if not re.fullmatch(r"[a-z][a-z0-9_-]*", name) or upstream.provider not in ("openai", "anthropic"):
@@ -225,7 +233,7 @@ class EgressGateway:
             sandbox_id=sandbox_id, run_id=run_id, candidate_id=candidate_id, purpose=purpose, allow=allowlist,
             secrets=secret_map, llm_routes=routes, placeholder=placeholder, proxy_port=port,
             directory=directory, socket_path=directory / "proxy.sock",
-            ca=SessionCA(secret_map) if secret_map else None,
+            ca=SessionCA(secret_map) if secret_map else None, trusted_hosts=trusted,
         )  # fmt: skip
         env = self._session_env(state)
         bundle = None

@@ -16,10 +16,11 @@ import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from codeevolver.agents.base import AgentResult, AgentTask, CodingAgent
+from codeevolver.agents.base import RUN_BUDGET_SPENT, AgentResult, AgentTask, CodingAgent
 from codeevolver.models.base import LanguageModel
 from codeevolver.proposers.reflection_agent import (
     MAX_STEPS,
@@ -88,12 +89,17 @@ class CodeProposer:
         agent_session: Callable[[SandboxPolicy, str], AbstractContextManager[SandboxPolicy]] | None = None,
         reflection_agent: bool = True,
         reflection_steps: int = MAX_STEPS,
+        agent_max_usd: float | None = None,
+        budget_left: Callable[[], Decimal | None] | None = None,
     ) -> None:
         """``readonly_paths`` (the user's interpreter) and ``agent_session`` (a gateway session
         per candidate) shape the agent's sandbox.
 
         ``reflection_agent`` picks the read-only tool loop over the single reflection call
         (``[optimize] reflection_agent``); ``reflection_steps`` caps its tool calls.
+
+        Each agent may spend ``agent_max_usd`` (``[optimize] agent_max_usd``; None: no cap of its own)
+        and never more than ``budget_left()``, what is left of the run's ``max_usd`` (None: no run budget).
         """
         self.reflection_agent = ReflectionAgent(reflection_lm, reflection_steps) if reflection_agent else None
         self.readonly_paths = readonly_paths
@@ -109,6 +115,8 @@ class CodeProposer:
         self.additional_instructions = additional_instructions.strip()
         self.max_steps = max_steps
         self.timeout_s = timeout_s
+        self.agent_max_usd = agent_max_usd
+        self.budget_left = budget_left
 
     def change_request(
         self,
@@ -215,7 +223,16 @@ class CodeProposer:
         self.workspace.adopt(worktree, commit)
         return CodeChange(commit, request, summary=result.summary, transcript=result.transcript)
 
+    def agent_budget(self) -> float | None:
+        """What one agent may spend now: ``agent_max_usd``, capped at what is left of the run's budget."""
+        left = self.budget_left() if self.budget_left is not None else None
+        caps = [c for c in (self.agent_max_usd, float(left) if left is not None else None) if c is not None]
+        return min(caps) if caps else None
+
     def _run_agent(self, request: str, worktree: Path, policy: SandboxPolicy, candidate_id: str) -> AgentResult:
+        max_usd = self.agent_budget()
+        if max_usd is not None and max_usd <= 0:
+            return AgentResult(ok=False, reason=RUN_BUDGET_SPENT + ": nothing was left for the coding agent")
         task = AgentTask(
             change_request=request,
             worktree=worktree,
@@ -228,5 +245,6 @@ class CodeProposer:
             entry=self.entry,
             metric=self.metric,
             python=self.agent_env.get("PYTHON", "python3"),
+            max_usd=max_usd,
         )
         return self.agent.run(task)
