@@ -97,6 +97,8 @@ class GitWorkspace:
         self._lock = threading.Lock()
         self._exports: dict[str, Path] = {}
         self._export_locks: dict[str, threading.Lock] = {}
+        self._trees: dict[str, str] = {}
+        """commit -> its tree, for commits made or looked up here (one ``rev-parse`` fewer per code change)."""
         self.git_dir = git("rev-parse", "--absolute-git-dir", cwd=repo).strip()
         work_root.mkdir(parents=True, exist_ok=True)
 
@@ -108,7 +110,8 @@ class GitWorkspace:
         with tempfile.NamedTemporaryFile(dir=self.work_root, prefix="index-") as index:
             env = self._env(index.name, dest)
             git("read-tree", commit, cwd=dest, env=env)
-            git("checkout-index", "--all", "--force", cwd=dest, env=env)
+            # Parallel checkout (a worker per core): creating the files dominates a large tree's export.
+            git("-c", "checkout.workers=0", "checkout-index", "--all", "--force", cwd=dest, env=env)
         return dest
 
     def evaluation_dir(self, commit: str) -> Path:
@@ -136,9 +139,17 @@ class GitWorkspace:
             git("read-tree", parent, cwd=worktree, env=env)
             git("add", "--all", ".", cwd=worktree, env=env)
             tree = git("write-tree", cwd=worktree, env=env).strip()
-        if tree == git("rev-parse", f"{parent}^{{tree}}", cwd=self.repo).strip():
+        if tree == self._tree_of(parent):
             return None
-        return git("commit-tree", tree, "-p", parent, "-m", message, cwd=self.repo).strip()
+        commit = git("commit-tree", tree, "-p", parent, "-m", message, cwd=self.repo).strip()
+        self._trees[commit] = tree
+        return commit
+
+    def _tree_of(self, commit: str) -> str:
+        tree = self._trees.get(commit)
+        if tree is None:
+            tree = self._trees[commit] = git("rev-parse", f"{commit}^{{tree}}", cwd=self.repo).strip()
+        return tree
 
     def adopt(self, worktree: Path, commit: str) -> Path:
         """Make an agent's ``worktree``, just committed as ``commit``, the evaluation export of ``commit``.
@@ -183,7 +194,9 @@ class GitWorkspace:
             if not changed:
                 return parent
             tree = git("write-tree", cwd=self.repo, env=env).strip()
-        return git("commit-tree", tree, "-p", parent, "-m", message, cwd=self.repo).strip()
+        commit = git("commit-tree", tree, "-p", parent, "-m", message, cwd=self.repo).strip()
+        self._trees[commit] = tree
+        return commit
 
     def set_ref(self, ref: str, commit: str) -> None:
         """Point ``ref`` (``refs/heads/...`` for a visible branch) at ``commit``."""
