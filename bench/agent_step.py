@@ -27,7 +27,11 @@ so that they share the machine's load. Printed per backend, medians over the run
   time is its loop and litellm);
 - ``export``, ``commit``: the two git steps; ``session``: opening and closing the mutation's own
   gateway session (as ``RunEgress.agent_session`` does);
-- ``overhead``: ``total - model``, the figure the targets are about.
+- ``work``: the agent's own shell commands (the edit script, the Python self-check, ``grep``; for mini
+  also ``cat`` and the submit ``echo``; the CLI reads and edits with built-in tools) run bare, as
+  plain subprocesses in the same worktree, side by side after each mutation: the program's time,
+  which is neither orchestration nor sandbox;
+- ``overhead``: ``total - model - work``, the figure the targets are about.
 
 Targets (issue: "orchestration and sandbox overhead < 1.5 s per mutation with the Claude CLI,
 < 0.3 s with mini-swe-agent").
@@ -76,6 +80,8 @@ EDIT = (
     f"p.write_text(p.read_text().replace({OLD!r}, {NEW!r}))\nEOF"
 )
 SUBMIT = "echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT"
+SHELL_COMMANDS = {"mini": ["cat parse.py", EDIT, CHECK, SECOND_CHECK, SUBMIT], "claude": [CHECK, SECOND_CHECK]}
+"""The commands each backend runs as processes in its sandbox (the CLI's Read and Edit are built in)."""
 
 
 class Clock:
@@ -192,6 +198,15 @@ def attached_true_s(policy: SandboxPolicy, directory: Path) -> float:
     return time.monotonic() - started
 
 
+def bare_s(commands: list[str], worktree: Path) -> float:
+    """The commands' own time: each run once as a plain subprocess in ``worktree``."""
+    started = time.monotonic()
+    for command in commands:
+        subprocess.run(["bash", "-c", command], cwd=worktree, env={"PATH": "/usr/bin:/bin"}, capture_output=True,
+                       check=True, timeout=60)  # fmt: skip
+    return time.monotonic() - started
+
+
 def mutate(backend: Backend, workspace: GitWorkspace, seed: str, worktree: Path, scratch: Path) -> dict[str, float]:
     backend.clock.reset()
     started = time.monotonic()
@@ -232,6 +247,7 @@ def mutate(backend: Backend, workspace: GitWorkspace, seed: str, worktree: Path,
     else:
         sandbox_s = attached_true_s(policy, scratch / f"attach-{worktree.name}")
     backend.gateway.close_session(session)
+    work_s = bare_s(SHELL_COMMANDS["mini" if backend.name == "mini" else "claude"], worktree)
     first = backend.clock.arrivals[0] - opened
     figures = {
         "total": finished - started,
@@ -242,7 +258,8 @@ def mutate(backend: Backend, workspace: GitWorkspace, seed: str, worktree: Path,
         "session": (opened - exported) + (ran - closing),
         "agent": closing - opened,
         "commit": finished - ran,
-        "overhead": finished - started - backend.clock.inside_s,
+        "work": work_s,
+        "overhead": finished - started - backend.clock.inside_s - work_s,
     }
     if backend.name == "mini":
         figures["commands"] = commands_s
@@ -314,7 +331,8 @@ def main() -> int:
 
 
 def report(backends: list[Backend], elapsed: float) -> None:
-    columns = ["total", "model", "1st req", "sandbox", "CLI", "commands", "export", "session", "commit", "overhead"]
+    columns = ["total", "model", "work", "1st req", "sandbox", "CLI", "commands", "export", "session", "commit"]
+    columns.append("overhead")
     print(f"\nmedians of {RUNS} mutations, ms ({elapsed:.0f} s in all)")
     print(f"{'backend':14}" + "".join(f"{c:>10}" for c in columns) + f"{'target':>10}  verdict")
     for b in backends:

@@ -20,13 +20,14 @@ per block -> ``message_delta`` (stop reason, output usage) -> ``message_stop``.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from codeevolver.testing._server import ScriptedServer
 
 
 @dataclass
@@ -53,7 +54,7 @@ class AnthropicReply:
 AnthropicResponder = Callable[[dict[str, Any]], "AnthropicReply | str"]
 
 
-class ScriptedAnthropicServer:
+class ScriptedAnthropicServer(ScriptedServer):
     """Serves ``POST /v1/messages`` (JSON or SSE), ``POST /v1/messages/count_tokens`` and ``GET /v1/models``.
 
     ``requests`` holds each messages request body, ``headers`` its headers and
@@ -71,36 +72,14 @@ class ScriptedAnthropicServer:
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
-        self.responder = responder
-        self.latency_s = latency_s
-        self.api_key = api_key
-        self.model = model
-        self.requests: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
+        super().__init__(responder, latency_s=latency_s, api_key=api_key, model=model, host=host, port=port)
+        self.responder: AnthropicResponder = responder
         self.paths: list[str] = []
-        self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer((host, port), self._handler_class())
-        self._httpd.daemon_threads = True
 
     @property
     def url(self) -> str:
         """Base URL to use as ``ANTHROPIC_BASE_URL`` (no ``/v1``: clients add it)."""
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> ScriptedAnthropicServer:
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def __enter__(self) -> ScriptedAnthropicServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return self._address
 
     def _authorized(self, headers: Any) -> bool:
         if self.api_key is None:

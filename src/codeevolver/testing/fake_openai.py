@@ -15,13 +15,14 @@ mini-swe-agent talk to it over HTTP. A test decides every answer with a
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from codeevolver.testing._server import ScriptedServer
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Reply:
 Responder = Callable[[dict[str, Any]], "Reply | str"]
 
 
-class ScriptedOpenAIServer:
+class ScriptedOpenAIServer(ScriptedServer):
     """Serves ``/v1/chat/completions`` (streaming too) and ``/v1/models``.
 
     ``requests`` records every chat request body in arrival order;
@@ -58,39 +59,15 @@ class ScriptedOpenAIServer:
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
-        self.responder = responder
-        self.latency_s = latency_s
-        self.api_key = api_key
-        self.model = model
-        self.requests: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
+        super().__init__(responder, latency_s=latency_s, api_key=api_key, model=model, host=host, port=port)
+        self.responder: Responder = responder
         self.max_concurrent = 0
         self._in_flight = 0
-        self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer((host, port), self._handler_class())
-        self._httpd.daemon_threads = True
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         """Base URL to use as ``api_base`` / ``OPENAI_BASE_URL``."""
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}/v1"
-
-    def start(self) -> ScriptedOpenAIServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def __enter__(self) -> ScriptedOpenAIServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return f"{self._address}/v1"
 
     def _enter(self) -> None:
         with self._lock:
