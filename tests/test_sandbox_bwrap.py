@@ -5,6 +5,7 @@ Security properties (escapes, limits, kill-everything) are in tests/security/.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -293,6 +294,44 @@ def test_other_port_and_no_gateway_mean_no_network(sandbox: BwrapSandbox, work: 
     with_gateway = SandboxPolicy(workdir=work, gateway_socket=gateway, proxy_port=8080)
     assert sandbox.run([SYSTEM_PYTHON, "-c", probe], with_gateway).stdout.strip() == "closed"
     assert sandbox.run([SYSTEM_PYTHON, "-c", probe], SandboxPolicy(workdir=work)).stdout.strip() == "closed"
+
+
+HELD_CLIENT = """
+import socket
+s = socket.create_connection(("127.0.0.1", 3128), 5)
+s.sendall(b"GET http://example.com/ HTTP/1.1\\r\\nHost: example.com\\r\\n\\r\\n")
+print("sent")
+"""
+
+
+def test_a_relay_still_open_when_the_sandbox_ends_is_dropped_quietly(
+    sandbox: BwrapSandbox, work: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The command exits while the gateway has not answered yet: the relay is cancelled without a traceback."""
+    path = tmp_path / "held.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(4)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])  # never answered
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    policy = SandboxPolicy(workdir=work, gateway_socket=path, proxy_port=3128, timeout_s=20)
+    with caplog.at_level(logging.DEBUG, logger="asyncio"):
+        result = sandbox.run([SYSTEM_PYTHON, "-c", HELD_CLIENT], policy)
+        time.sleep(0.5)  # the relay loop's callbacks for the cancelled connection run by now
+    server.close()
+    for conn in held:
+        conn.close()
+    assert result.returncode == 0 and result.stdout.strip() == "sent", result.stderr
+    assert len(held) == 1, "the connection reached the gateway through the relay"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 # --- pieces -------------------------------------------------------------------------------------

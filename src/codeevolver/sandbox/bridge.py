@@ -179,6 +179,11 @@ class _Server:
             self.tasks.add(task)
         try:
             await self._relay(reader, writer)
+        except asyncio.CancelledError:
+            # ``close`` cancels open relays. The task must end normally: Python 3.11's
+            # ``start_server`` asks a finished handler task for its exception, and a
+            # cancelled one answers by raising, which asyncio prints as a traceback.
+            pass
         finally:
             writer.close()
             if task is not None:
