@@ -79,7 +79,7 @@ class OptimizeConfig(_Section):
     agent_max_steps: int = Field(30, ge=1)
     agent_timeout_s: float = Field(900.0, gt=0)
     agent_max_usd: float | None = Field(
-        None,
+        default=None,
         gt=0,
         description="US dollars one coding agent may spend on one code mutation; None: bounded only by the run's "
         "max_usd. With max_usd set, an agent is never allowed more than what is left of the run's budget.",

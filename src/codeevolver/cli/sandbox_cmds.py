@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from codeevolver.errors import ConfigError
+from codeevolver.store.rows import AuditRow
 
 sandbox_app = typer.Typer(help="Run commands in a sandbox.", no_args_is_help=True)
 init_app = typer.Typer(help="Generate files for your project.", no_args_is_help=True)
@@ -70,10 +72,10 @@ def run_in_sandbox(argv: list[str], tier: str, allow: list[str], timeout: float,
             err.print("codeevolver: --allow-domain is not enforced: no gateway stands in front", highlight=False)
     blocked: list[str] = []
 
-    def audit(rows: object) -> None:
-        for row in rows if isinstance(rows, list) else [rows]:  # type: ignore[attr-defined]
-            if row.decision == "blocked":  # type: ignore[attr-defined]
-                blocked.append(f"{row.host}:{row.port} ({row.reason})")  # type: ignore[attr-defined]
+    def audit(rows: Sequence[AuditRow]) -> None:
+        for row in rows:
+            if row.decision == "blocked":
+                blocked.append(f"{row.host}:{row.port} ({row.reason})")
 
     with EgressGateway(audit=audit) as gateway:
         session = gateway.open_session("cli", run_id="cli", allow=allow)

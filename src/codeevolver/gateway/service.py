@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -322,7 +323,7 @@ class EgressGateway:
                 state.tasks.add(task)
                 task.add_done_callback(state.tasks.discard)
                 # A task cancelled before it started never runs its clean-up: close the socket here too.
-                task.add_done_callback(lambda _, conn=conn: conn.close())
+                task.add_done_callback(functools.partial(_close_socket, conn))
         finally:
             listener.close()
 
@@ -368,3 +369,7 @@ class EgressGateway:
         if state.pending:
             await asyncio.wait(list(state.pending))
         shutil.rmtree(state.directory, ignore_errors=True)
+
+
+def _close_socket(conn: socket.socket, _task: asyncio.Task[None]) -> None:
+    conn.close()

@@ -107,7 +107,7 @@ class UsageMeter:
         if self.sse:
             *lines, rest = self._buffer.split(b"\n")
             for line in lines:
-                self._line(line)
+                self._line(bytes(line))
             self._buffer = bytearray(rest)
             limit = _LINE_CAP
         else:

@@ -54,7 +54,7 @@ class Completion:
     usage: UsageRecord | None = None
 
 
-UsageSink = Callable[[UsageRecord], None]
+UsageSink = Callable[[UsageRecord], object]
 
 
 class LanguageModel:
