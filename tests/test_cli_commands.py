@@ -85,3 +85,16 @@ def test_cancel_stops_a_running_optimization(tmp_path: Path) -> None:
         stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert json.loads(stdout)["status"] == "cancelled"
+
+
+def test_egress_lists_the_runs_audited_requests(finished: tuple[Path, dict]) -> None:
+    repo, result = finished
+    listing = cli(repo, "egress", result["run_id"])
+    assert listing.returncode == 0, listing.stderr
+    count = int(listing.stdout.strip().splitlines()[-1].split()[0])
+    assert count > 0, listing.stdout  # the program's and the agent's model calls went through the gateway
+    assert "allowed" in listing.stdout
+    blocked = cli(repo, "egress", result["run_id"], "--blocked")
+    assert blocked.returncode == 0 and blocked.stdout.strip().splitlines()[-1] == "0 request(s)"
+    unknown = cli(repo, "egress", "r-nope")
+    assert unknown.returncode == 2 and "r-nope" in unknown.stderr
