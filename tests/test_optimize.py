@@ -188,6 +188,8 @@ def test_budget_of_metric_calls_is_never_exceeded(tmp_path: Path) -> None:
     with ScriptedOpenAIServer(RouterWorld(reflection_prompt=BAD_PROMPT)) as server:
         result = optimize(repo, server, "--mutate", "prompts", "--max-metric-calls", "90", "--concurrency", "3")
     assert 50 <= result["metric_calls"] <= 90
+    left = 90 - result["metric_calls"]
+    assert result["reason"].startswith(f"metric-call budget: {left} of 90 calls left, and a proposal may need 40 ")
 
 
 def test_usd_budget_stops_the_run(tmp_path: Path) -> None:
@@ -202,6 +204,7 @@ def test_usd_budget_stops_the_run(tmp_path: Path) -> None:
     assert result["usage"]["calls_by_purpose"]["reflection"] == 1
     assert float(result["usage"]["usd"]) > 0.00001
     assert result["metric_calls"] < 100
+    assert result["reason"].startswith("USD budget: $") and result["reason"].endswith(" of $0.00001 spent")
 
 
 def test_model_prices_bill_a_self_hosted_model_everywhere(tmp_path: Path) -> None:
@@ -231,6 +234,7 @@ def test_time_budget_stops_the_run(tmp_path: Path) -> None:
     assert result["status"] == "finished"
     assert result["metric_calls"] < 5000
     assert took < 60
+    assert result["reason"] == "time budget: 0.05 minutes used"
 
 
 def test_stop_file_stops_a_running_optimization(tmp_path: Path) -> None:

@@ -72,6 +72,8 @@ class RunSummary:
     best_branch: str | None
     metric_calls: int
     usage: dict[str, Any]
+    reason: str | None = None
+    """Why the run ended (the budget that ran out, a stop, a failure); None while it runs."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -529,6 +531,7 @@ def summarize(store: Store, run_id: str) -> RunSummary:
         best_candidate=run.best_candidate_id,
         best_branch=best.branch if best else None,
         metric_calls=run.metric_calls,
+        reason=run.error,
         usage={
             "calls": usage.calls,
             "input_tokens": usage.input_tokens,

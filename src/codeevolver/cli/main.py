@@ -179,7 +179,7 @@ def status(
                     f"[yellow]no sign of life for {_silence(run)}: if its process died, "
                     f"`codeevolver resume {rid}` continues it[/yellow]"
                 )
-            out.print(f"iterations: {run.iteration}   error: {run.error or '-'}")
+            out.print(f"iterations: {run.iteration}", highlight=False)
             for event in store.events(rid)[-8:]:
                 out.print(f"  {event.time:%H:%M:%S} {event.kind} {json.dumps(event.data)[:150]}", highlight=False)
 
@@ -399,6 +399,8 @@ def _print_summary(summary: Any, as_json: bool) -> None:
         f"{summary.usage['input_tokens'] + summary.usage['output_tokens']} tokens, ${summary.usage['usd']}",
         highlight=False,
     )
+    if summary.reason:
+        out.print(f"ended: {summary.reason}", highlight=False, markup=False)
     if summary.best_branch:
         out.print(f"best branch: {summary.best_branch}  (codeevolver apply {summary.run_id})", highlight=False)
 

@@ -240,13 +240,24 @@ class Engine:
             self.stop_reason = "cancelled"
             return False
         b = self.budget
+        cost = self._cost_of_proposal()
         if b.max_metric_calls is not None and (
-            self.metric_calls + sum(self.reserved.values()) + self._cost_of_proposal() > b.max_metric_calls
+            self.metric_calls + sum(self.reserved.values()) + cost > b.max_metric_calls
         ):
+            left = b.max_metric_calls - self.metric_calls
+            self.done_reason = (
+                f"metric-call budget: {left} of {b.max_metric_calls} calls left, and a proposal may need {cost} "
+                f"(2 x minibatch {self.sampler.batch_size} + valset {len(self.valset)})"
+            )
             return False
-        if b.max_usd is not None and self.store.usage_totals(self.run_id).cost_usd >= b.max_usd:
+        spent = self.store.usage_totals(self.run_id).cost_usd if b.max_usd is not None else None
+        if b.max_usd is not None and spent is not None and spent >= b.max_usd:
+            self.done_reason = f"USD budget: ${spent:.4f} of ${b.max_usd} spent"
             return False
-        return not (b.max_seconds is not None and time.monotonic() - self._started >= b.max_seconds)
+        if b.max_seconds is not None and time.monotonic() - self._started >= b.max_seconds:
+            self.done_reason = f"time budget: {b.max_seconds / 60:g} minutes used"
+            return False
+        return True
 
     # ----- one proposal ---------------------------------------------------
 
