@@ -36,6 +36,7 @@ system-deps:
 lint: $(VENV)/.installed-all
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
 
 test: system-deps $(VENV)/.installed-all lint
 	$(VENV)/bin/pytest -q -rs
