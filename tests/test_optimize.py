@@ -7,6 +7,7 @@ repo, the real runner, store and engine; only the model is scripted, over real H
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import signal
 import sqlite3
@@ -190,6 +191,21 @@ def test_budget_of_metric_calls_is_never_exceeded(tmp_path: Path) -> None:
     assert 50 <= result["metric_calls"] <= 90
     left = 90 - result["metric_calls"]
     assert result["reason"].startswith(f"metric-call budget: {left} of 90 calls left, and a proposal may need 40 ")
+
+
+def test_progress_and_summary_as_a_person_sees_them(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo")
+    with ScriptedOpenAIServer(RouterWorld(reflection_prompt=BAD_PROMPT)) as server:
+        proc = run_cli("optimize", str(repo), "--api-base", server.url, "--model", "s", "--mutate", "prompts",
+                       "--max-metric-calls", "90", "--concurrency", "2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    progress = proc.stderr.splitlines()
+    assert any(line.startswith("seed c000 val ") for line in progress), proc.stderr
+    rejected = [line for line in progress if line.startswith("✗ c001 rejected: ")]
+    assert rejected and re.search(r"· in flight [0-2]/2 ·", rejected[0]), proc.stderr
+    summary, ended = proc.stdout.splitlines()[:2]
+    assert re.match(r"run r-\S+ finished: seed \d\.\d{3} -> best \d\.\d{3} \(c000\) after \d+ metric calls", summary)
+    assert re.match(r"ended: metric-call budget: \d+ of 90 calls left, and a proposal may need 40 ", ended), ended
 
 
 def test_usd_budget_stops_the_run(tmp_path: Path) -> None:

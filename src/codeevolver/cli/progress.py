@@ -52,11 +52,14 @@ class ProgressPrinter:
 
 
 def status_line(s: dict[str, Any]) -> str:
+    """One line of live progress. Fewer proposals in flight than ``--concurrency`` once the calls left
+    cannot cover one more proposal's worst case (2 x minibatch + valset)."""
     budget = s["max_metric_calls"]
     calls = f"{s['metric_calls']}/{budget}" if budget else str(s["metric_calls"])
     return (
         f"iteration {s['iteration']} · metric calls {calls} · best {s['best_score']:.3f} ({s['best_candidate']})"
-        f" · frontier {s['frontier']} · in flight {s['in_flight']} · {s['tokens']:,} tokens · ${s['usd']:.4f}"
+        f" · frontier {s['frontier']} · in flight {s['in_flight']}/{s['concurrency']}"
+        f" · {s['tokens']:,} tokens · ${s['usd']:.4f}"
     )
 
 

@@ -532,6 +532,7 @@ class Engine:
                 "best_score": mean_score(self.val[best.id]),
                 "frontier": frontier_size(self.val),
                 "in_flight": len(self.in_flight),
+                "concurrency": self.settings.concurrency,
                 "candidates": len(self.candidates),
                 "tokens": usage.input_tokens + usage.output_tokens,
                 "usd": usage.cost_usd,
