@@ -152,7 +152,8 @@ class Engine:
         self.metric_calls = 0
         self.stop_reason: str | None = None
         self.done_reason: str | None = None
-        """Why a run ended by itself with budget left (a code-only run past its code cutoff)."""
+        """Why no proposal may be launched now: a budget that cannot cover one more, or a code-only run
+        past its code cutoff. Recomputed by every ``_may_launch``; a run that ends by itself reports it."""
         self.failures = 0
         self._next_id = 0
         self._started = time.monotonic()
@@ -250,10 +251,11 @@ class Engine:
                 f"(2 x minibatch {self.sampler.batch_size} + valset {len(self.valset)})"
             )
             return False
-        spent = self.store.usage_totals(self.run_id).cost_usd if b.max_usd is not None else None
-        if b.max_usd is not None and spent is not None and spent >= b.max_usd:
-            self.done_reason = f"USD budget: ${spent:.4f} of ${b.max_usd} spent"
-            return False
+        if b.max_usd is not None:
+            spent = self.store.usage_totals(self.run_id).cost_usd
+            if spent >= b.max_usd:
+                self.done_reason = f"USD budget: ${spent:.4f} of ${b.max_usd} spent"
+                return False
         if b.max_seconds is not None and time.monotonic() - self._started >= b.max_seconds:
             self.done_reason = f"time budget: {b.max_seconds / 60:g} minutes used"
             return False

@@ -225,8 +225,10 @@ class CodeProposer:
 
     def agent_budget(self) -> float | None:
         """What one agent may spend now: ``agent_max_usd``, capped at what is left of the run's budget."""
+        caps = [self.agent_max_usd] if self.agent_max_usd is not None else []
         left = self.budget_left() if self.budget_left is not None else None
-        caps = [c for c in (self.agent_max_usd, float(left) if left is not None else None) if c is not None]
+        if left is not None:
+            caps.append(float(left))
         return min(caps) if caps else None
 
     def _run_agent(self, request: str, worktree: Path, policy: SandboxPolicy, candidate_id: str) -> AgentResult:

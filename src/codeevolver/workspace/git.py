@@ -249,8 +249,9 @@ def _prune_to(root: Path, prefix: str, modes: dict[str, str], dirs: set[str]) ->
                 if entry.stat(follow_symlinks=False).st_mode & 0o7777 != 0o755:
                     os.chmod(entry.path, 0o755)
                 if modes.get(rel) == "160000":
-                    for inner in os.scandir(entry.path):
-                        _remove_entry(inner)
+                    with os.scandir(entry.path) as inner_entries:
+                        for inner in inner_entries:
+                            _remove_entry(inner)
                 else:
                     _prune_to(Path(entry.path), rel + "/", modes, dirs)
                 continue
